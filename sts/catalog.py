@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from urllib.parse import urlsplit
 
 from sts.errors import InvalidRequest, InvalidScope, InvalidTarget
@@ -20,14 +20,11 @@ from sts.errors import InvalidRequest, InvalidScope, InvalidTarget
 DEFAULT_MAX_TTL_SECONDS = 300
 
 
-class TokenClass(str, Enum):
+class TokenClass(StrEnum):
     """Tool and data tokens are signed with separate keys so one can never stand in for the other."""
 
     TOOL = "tool"
     DATA = "data"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class Sensitivity(IntEnum):
@@ -145,7 +142,9 @@ class Catalog:
         An omitted scope is refused rather than defaulted to everything: least privilege is asked for.
         """
         if not requested:
-            raise InvalidScope(f"scope is required; target {entry.id} offers: {' '.join(sorted(entry.scopes))}")
+            raise InvalidScope(
+                f"scope is required; target {entry.id} offers: {' '.join(sorted(entry.scopes))}"
+            )
         unknown = requested - entry.scopes
         if unknown:
             raise InvalidScope(

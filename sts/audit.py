@@ -1,0 +1,86 @@
+"""The decision log: one JSON line per decision (issued or refused), hash-chained per writer.
+
+Each process writes its own chain: every record carries ``chain`` (a random id fixed at start),
+``seq`` and ``prev`` (the SHA-256 of the previous record of that chain), and its own ``hash`` over
+its canonical JSON without ``hash``. Deleting, reordering or editing a line breaks the chain, and
+:func:`verify_chain` finds where. Several worker processes append to one file safely: each record is
+one ``write`` on an ``O_APPEND`` descriptor.
+
+Must not import Flask or anything of the request path; it is given plain dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+class AuditLog:
+    """Appends decision records to a file (or standard output with path ``-``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = (
+            sys.stdout.fileno()
+            if path == "-"
+            else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        )
+        self._chain = secrets.token_hex(8)
+        self._seq = 0
+        self._prev = GENESIS
+        self._lock = threading.Lock()
+
+    def record(self, event: Mapping[str, Any], *, now: float | None = None) -> None:
+        """Write one decision; ``event`` holds its fields (decision, error, spiffe_id, target, …)."""
+        with self._lock:
+            self._seq += 1
+            entry = {
+                "ts": round(time.time() if now is None else now, 3),
+                **event,
+                "chain": self._chain,
+                "seq": self._seq,
+                "prev": self._prev,
+            }
+            digest = _digest(entry)
+            entry["hash"] = digest
+            os.write(self._fd, (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode())
+            self._prev = digest
+
+    def close(self) -> None:
+        if self.path != "-":
+            os.close(self._fd)
+
+
+def _digest(entry: Mapping[str, Any]) -> str:
+    canonical = json.dumps(entry, separators=(",", ":"), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def verify_chain(lines: Iterable[str]) -> list[str]:
+    """Check every chain in an audit log; returns the problems found (empty: intact)."""
+    problems: list[str] = []
+    last: dict[str, tuple[int, str]] = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            claimed = entry.pop("hash")
+            chain, seq, prev = entry["chain"], entry["seq"], entry["prev"]
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"line {number}: not an audit record")
+            continue
+        if _digest(entry) != claimed:
+            problems.append(f"line {number}: record was altered (hash mismatch)")
+        expected_seq, expected_prev = last.get(chain, (0, GENESIS))
+        if seq != expected_seq + 1 or prev != expected_prev:
+            problems.append(f"line {number}: chain {chain} broken (a record is missing or out of order)")
+        last[chain] = (seq, claimed)
+    return problems

@@ -1,0 +1,174 @@
+"""The ``sts`` command: ``serve``, ``policy check``, ``keys create``, ``audit verify``.
+
+Exit codes: 0 success (for ``policy check``: allowed), 1 a negative answer (denied, audit chain
+broken), 2 a usage or configuration error, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sts.config import CONFIG_ENV, Settings, load_settings
+from sts.errors import ConfigError, StsError
+
+log = logging.getLogger("sts")
+
+EXIT_OK, EXIT_NO, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return int(args.run(args))
+    except ConfigError as e:
+        print(f"sts: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sts", description="SPIFFE workload-identity token exchange server")
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="run the token exchange server")
+    serve.add_argument("--config", type=Path, required=True, help="the YAML configuration file")
+    serve.set_defaults(run=_serve)
+
+    policy = commands.add_parser("policy", help="policy tools").add_subparsers(title="policy commands")
+    check = policy.add_parser("check", help="print the decision for one request and why")
+    check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--spiffe-id", required=True, help="the workload's SPIFFE ID")
+    target = check.add_mutually_exclusive_group(required=True)
+    target.add_argument("--audience", help="catalog id of the target")
+    target.add_argument("--resource", help="resource URI of the target")
+    check.add_argument("--scope", required=True, help="space-separated scopes")
+    check.add_argument("--actor", help="SPIFFE ID of an acting party (delegation)")
+    check.add_argument("--client-auth", default="none", help="client authentication method to assume")
+    check.set_defaults(run=_policy_check)
+
+    keys = commands.add_parser("keys", help="signing key tools").add_subparsers(title="key commands")
+    create = keys.add_parser("create", help="provision a new production signing key per token class")
+    create.add_argument("--config", type=Path, required=True)
+    create.set_defaults(run=_keys_create)
+
+    audit = commands.add_parser("audit", help="audit log tools").add_subparsers(title="audit commands")
+    verify = audit.add_parser("verify", help="check the hash chains of an audit log")
+    verify.add_argument("file", type=Path)
+    verify.set_defaults(run=_audit_verify)
+    return parser
+
+
+def _settings(path: Path) -> Settings:
+    settings = load_settings(path)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check everything in this process (keys made, policies validated), then start the WSGI workers."""
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    from sts.runtime import build_services
+
+    settings = _settings(args.config)
+    services = build_services(settings)
+    problems = services.readiness()
+    services.audit.close()
+    for problem in problems:
+        log.warning("not ready yet: %s", problem)
+    os.environ[CONFIG_ENV] = str(args.config.resolve())
+    log.info(
+        "serving %s on http://%s:%s with %d workers",
+        settings.issuer,
+        settings.listen.host,
+        settings.listen.port,
+        settings.server.workers,
+    )
+    Granian(
+        target="sts.web.app:create_app_from_env",
+        factory=True,
+        interface=Interfaces.WSGI,
+        address=settings.listen.host,
+        port=settings.listen.port,
+        workers=settings.server.workers,
+        log_access=False,
+    ).serve()
+    return EXIT_OK
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from sts.policy import CedarPolicy, PolicyRequest
+    from sts.spiffeid import SpiffeId, SpiffeIdError
+
+    settings = _settings(args.config)
+    policy = CedarPolicy.from_directory(settings.policy_dir, settings.catalog)
+    try:
+        principal = SpiffeId.parse(args.spiffe_id)
+        actor = SpiffeId.parse(args.actor) if args.actor else None
+    except SpiffeIdError as e:
+        print(f"sts: not a SPIFFE ID: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        entry = settings.catalog.resolve(
+            [args.audience] if args.audience else [], [args.resource] if args.resource else []
+        )
+        scopes = settings.catalog.check_scopes(entry, frozenset(args.scope.split()))
+    except StsError as e:
+        print(f"DENY ({e.error}): {e.description}")
+        return EXIT_NO
+    decision = policy.decide(
+        PolicyRequest(
+            principal=principal,
+            target=entry,
+            scopes=scopes,
+            now=int(time.time()),
+            client_auth=args.client_auth,
+            actor=actor,
+        )
+    )
+    verdict = "ALLOW" if decision.allowed else "DENY"
+    print(f"{verdict}: {principal} → {entry.id} ({entry.token_class}) scope {' '.join(sorted(scopes))}")
+    print(f"  {decision.reason}")
+    if decision.ttl_seconds is not None:
+        print(f"  policy TTL: {decision.ttl_seconds}s")
+    for error in decision.errors:
+        print(f"  error: {error}")
+    return EXIT_OK if decision.allowed else EXIT_NO
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from sts.keys import create_provisioned_keys
+
+    settings = _settings(args.config)
+    for kid in create_provisioned_keys(settings.keys):
+        print(kid)
+    return EXIT_OK
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from sts.audit import verify_chain
+
+    try:
+        lines = args.file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        print(f"sts: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    problems = verify_chain(lines)
+    for problem in problems:
+        print(problem)
+    print(f"{len(lines)} records, {'intact' if not problems else f'{len(problems)} problems'}")
+    return EXIT_OK if not problems else EXIT_NO
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,511 @@
+"""Typed, frozen settings from one YAML file plus ``STS_*`` environment overrides.
+
+This is the only module that reads the environment. Every key is checked once here: unknown keys,
+wrong types and bad values stop start-up with a :class:`~sts.errors.ConfigError` naming the key and
+its line. Relative paths are resolved against the config file's directory. Every setting has a
+safe default: no trust domain and no catalog entry means nothing can be issued.
+
+Imports ``sts.errors``, ``sts.spiffeid`` and ``sts.catalog`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from sts.catalog import DEFAULT_MAX_TTL_SECONDS, Catalog, CatalogEntry, Sensitivity, TokenClass
+from sts.errors import ConfigError
+from sts.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "STS_CONFIG"
+SUPPORTED_SIGNING_ALGORITHMS = ("ES256",)
+_DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    cert: Path
+    key: Path
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSettings:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls: TlsSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustDomainSettings:
+    """Where one trust domain's bundle comes from: exactly one of the three sources."""
+
+    trust_domain: TrustDomain
+    bundle_file: Path | None = None
+    workload_api: bool = False
+    bundle_endpoint: str | None = None
+    endpoint_profile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    dir: Path
+    algorithm: str = "ES256"
+    rotate_after: int = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """Lifetimes and the JWT-SVID checks every exchange applies."""
+
+    max_ttl: int = DEFAULT_MAX_TTL_SECONDS
+    svid_leeway: int = 30
+    max_svid_bytes: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    per_workload_per_second: int = 20
+    tokens_per_task: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The production WSGI server; ``workers`` defaults to the machine's cores."""
+
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_body_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    issuer: str
+    listen: ListenSettings
+    trust_domains: tuple[TrustDomainSettings, ...]
+    workload_api_socket: str | None
+    keys: KeySettings
+    store_url: str
+    catalog: Catalog
+    policy_dir: Path
+    admins: frozenset[SpiffeId]
+    limits: LimitSettings
+    tokens: TokenSettings
+    audit_path: str
+    server: ServerSettings
+    log_level: str
+    source: str = "<defaults>"
+
+
+class _Tree:
+    """The YAML document with the line of every key, so errors can point at the file."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.lines: dict[str, int] = {}
+        try:
+            loader = yaml.SafeLoader(text)
+            try:
+                node = loader.get_single_node()
+                self.data = self._convert(loader, node, "") if node is not None else {}
+            finally:
+                loader.dispose()
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+        if not isinstance(self.data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of settings")
+
+    def _convert(self, loader: yaml.SafeLoader, node: yaml.Node, path: str) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = loader.construct_object(key_node)
+                if not isinstance(key, str):
+                    raise ConfigError(f"{source_line(self.source, key_node)}: keys must be strings")
+                child = f"{path}.{key}" if path else key
+                if key in out:
+                    raise ConfigError(f"{source_line(self.source, key_node)}: '{child}' appears twice")
+                out[key] = self._convert(loader, value_node, child)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._convert(loader, item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        return loader.construct_object(node)
+
+    def where(self, path: str) -> str:
+        line = self.lines.get(path)
+        if line is None and path.startswith("env:"):
+            return f"environment {path[4:]}"
+        return f"{self.source}, line {line}" if line else self.source
+
+
+def source_line(source: str, node: yaml.Node) -> str:
+    return f"{source}, line {node.start_mark.line + 1}"
+
+
+class _Section:
+    """Reads one mapping of the tree; every key must be taken, the rest are reported as unknown."""
+
+    def __init__(self, tree: _Tree, path: str, data: Any) -> None:
+        self.tree, self.path = tree, path
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.fail(path, "must be a mapping")
+        self.data: dict[str, Any] = data
+        self.taken: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, path: str, message: str) -> Any:
+        raise ConfigError(f"{self.tree.where(path)}: '{path}' {message}")
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str) -> Any:
+        self.taken.add(name)
+        return self.data.get(name)
+
+    def get(self, name: str, kind: type[T], default: T) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            self.fail(self.key(name), "must be a whole number")
+        if kind is str and not isinstance(value, str):
+            self.fail(self.key(name), "must be a string")
+        if kind is bool and not isinstance(value, bool):
+            self.fail(self.key(name), "must be true or false")
+        return value  # type: ignore[no-any-return]
+
+    def positive(self, name: str, default: int) -> int:
+        value = self.get(name, int, default)
+        if value <= 0:
+            self.fail(self.key(name), "must be greater than zero")
+        return value
+
+    def duration(self, name: str, default: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        seconds = parse_duration(value)
+        if seconds is None or seconds <= 0:
+            self.fail(self.key(name), "must be a positive duration such as 300, 300s, 5m, 24h or 1d")
+        return seconds  # type: ignore[return-value]
+
+    def path_value(self, name: str, base: Path, default: str | None = None) -> Path | None:
+        value = self.get(name, str, default) if default is not None else self.get(name, str, "")
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path)
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.tree, self.key(name), self.raw(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.taken)
+        if unknown:
+            self.fail(self.key(unknown[0]), "is not a known setting" + _did_you_mean(unknown[0], self.taken))
+
+
+def _did_you_mean(name: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_duration(value: object) -> int | None:
+    """Seconds from ``300``, ``"300s"``, ``"5m"``, ``"24h"``, ``"1d"``; None when not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _DURATION.match(value.strip())
+        if match:
+            return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return None
+
+
+# Environment overrides: variable → dotted key. Values are YAML scalars (so STS_LISTEN_PORT=9000 is a number).
+ENV_OVERRIDES: Mapping[str, str] = {
+    "STS_ISSUER": "issuer",
+    "STS_LISTEN_HOST": "listen.host",
+    "STS_LISTEN_PORT": "listen.port",
+    "STS_STORE_URL": "store.url",
+    "STS_KEYS_DIR": "keys.dir",
+    "STS_POLICY_DIR": "policy.dir",
+    "STS_AUDIT_PATH": "audit.path",
+    "STS_LOG_LEVEL": "log_level",
+    "STS_WORKERS": "server.workers",
+}
+
+
+def _apply_env(tree: _Tree, environ: Mapping[str, str]) -> None:
+    for variable, dotted in ENV_OVERRIDES.items():
+        if variable not in environ:
+            continue
+        node: dict[str, Any] = tree.data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{variable}: '{part}' in the file is not a mapping")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(environ[variable])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"environment {variable}: not a valid value: {e}") from e
+        tree.lines.pop(dotted, None)
+        tree.lines[f"env:{variable}"] = 0
+        tree.lines[dotted] = 0
+    unknown = sorted(
+        k for k in environ if k.startswith("STS_") and k not in ENV_OVERRIDES and k != CONFIG_ENV
+    )
+    for variable in unknown:
+        log.warning(
+            "ignoring unknown environment variable %s (known: %s)", variable, ", ".join(ENV_OVERRIDES)
+        )
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check the whole configuration; raises ConfigError naming the first bad key."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        tree, base = _Tree("{}", "<defaults>"), Path.cwd()
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from e
+        tree, base = _Tree(text, str(path)), path.resolve().parent
+    _apply_env(tree, env)
+    return _build(tree, base, env)
+
+
+def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
+    top = _Section(tree, "", tree.data)
+
+    listen_section = top.section("listen")
+    host = listen_section.get("host", str, "127.0.0.1")
+    port = listen_section.get("port", int, 8443)
+    if not 0 <= port <= 65535:
+        listen_section.fail(listen_section.key("port"), "must be a TCP port (0-65535)")
+    tls = _tls(listen_section, base) if listen_section.has("tls") else None
+    listen_section.done()
+
+    issuer = top.get("issuer", str, f"{'https' if tls else 'http'}://{host}:{port}")
+    _check_issuer(top, issuer)
+
+    trust_domains = _trust_domains(top.section("trust_domains"), base)
+
+    workload_api = top.section("workload_api")
+    socket = workload_api.get("socket", str, "") or env.get("SPIFFE_ENDPOINT_SOCKET") or None
+    workload_api.done()
+
+    keys_section = top.section("keys")
+    keys = KeySettings(
+        dir=keys_section.path_value("dir", base, "state/keys") or base / "state/keys",
+        algorithm=keys_section.get("algorithm", str, "ES256"),
+        rotate_after=keys_section.duration("rotate_after", 86400),
+    )
+    if keys.algorithm not in SUPPORTED_SIGNING_ALGORITHMS:
+        keys_section.fail(
+            keys_section.key("algorithm"), f"must be one of {', '.join(SUPPORTED_SIGNING_ALGORITHMS)}"
+        )
+    keys_section.done()
+
+    store_section = top.section("store")
+    store_url = store_section.get("url", str, f"sqlite:///{base / 'state/sts.db'}")
+    if urlsplit(store_url).scheme not in ("sqlite", "redis", "rediss", "memory"):
+        store_section.fail(
+            store_section.key("url"), "must be sqlite:///path, redis://host:port/db or memory://"
+        )
+    store_section.done()
+
+    tokens_section = top.section("tokens")
+    tokens = TokenSettings(
+        max_ttl=tokens_section.duration("max_ttl", DEFAULT_MAX_TTL_SECONDS),
+        svid_leeway=tokens_section.get("svid_leeway", int, 30),
+        max_svid_bytes=tokens_section.positive("max_svid_bytes", 8192),
+    )
+    if not 0 <= tokens.svid_leeway <= 300:
+        tokens_section.fail(tokens_section.key("svid_leeway"), "must be between 0 and 300 seconds")
+    tokens_section.done()
+
+    catalog = _catalog(top, tokens.max_ttl)
+
+    policy_section = top.section("policy")
+    policy_dir = policy_section.path_value("dir", base, "policies") or base / "policies"
+    policy_section.done()
+
+    admins = frozenset(_spiffe_ids(top, "admins"))
+
+    limits_section = top.section("limits")
+    limits = LimitSettings(
+        per_workload_per_second=limits_section.positive("per_workload_per_second", 20),
+        tokens_per_task=limits_section.positive("tokens_per_task", 200),
+    )
+    limits_section.done()
+
+    audit_section = top.section("audit")
+    audit_raw = audit_section.get("path", str, "-")
+    audit_path = audit_raw if audit_raw == "-" else str(audit_section.path_value("path", base))
+    audit_section.done()
+
+    server_section = top.section("server")
+    server = ServerSettings(
+        workers=server_section.positive("workers", os.cpu_count() or 1),
+        max_body_bytes=server_section.positive("max_body_bytes", 64 * 1024),
+    )
+    server_section.done()
+
+    log_level = top.get("log_level", str, "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        top.fail("log_level", "must be one of debug, info, warning, error")
+    top.done()
+
+    return Settings(
+        issuer=issuer,
+        listen=ListenSettings(host=host, port=port, tls=tls),
+        trust_domains=trust_domains,
+        workload_api_socket=socket,
+        keys=keys,
+        store_url=store_url,
+        catalog=catalog,
+        policy_dir=policy_dir,
+        admins=admins,
+        limits=limits,
+        tokens=tokens,
+        audit_path=audit_path,
+        server=server,
+        log_level=log_level,
+        source=tree.source,
+    )
+
+
+def _tls(listen: _Section, base: Path) -> TlsSettings:
+    section = listen.section("tls")
+    cert = section.path_value("cert", base)
+    key = section.path_value("key", base)
+    if cert is None or key is None:
+        section.fail(section.path, "needs both 'cert' and 'key'")
+    client_ca = section.get("client_ca", str, "") or None
+    section.done()
+    return TlsSettings(cert=cert, key=key, client_ca=client_ca)  # type: ignore[arg-type]
+
+
+def _check_issuer(top: _Section, issuer: str) -> None:
+    """RFC 8414 §2: an https URL with no query or fragment; plain http only on loopback (development)."""
+    parts = urlsplit(issuer)
+    if parts.query or parts.fragment or not parts.hostname:
+        top.fail("issuer", "must be an absolute URL without query or fragment (RFC 8414 §2)")
+    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
+        top.fail("issuer", "must use https (plain http is allowed only on a loopback address)")
+    if issuer.endswith("/"):
+        top.fail("issuer", "must not end with '/' (it is compared as an exact string)")
+
+
+def _trust_domains(section: _Section, base: Path) -> tuple[TrustDomainSettings, ...]:
+    out: list[TrustDomainSettings] = []
+    for name in list(section.data):
+        key = section.key(name)
+        try:
+            trust_domain = TrustDomain.parse(name)
+        except SpiffeIdError as e:
+            section.fail(key, f"is not a trust domain name: {e}")
+        entry = section.section(name)
+        bundle_file = entry.path_value("bundle_file", base)
+        bundle = entry.get("bundle", str, "")
+        endpoint = entry.get("bundle_endpoint", str, "") or None
+        profile = entry.get("endpoint_profile", str, "") or None
+        if bundle and bundle != "workload-api":
+            entry.fail(entry.key("bundle"), "must be 'workload-api' (or use bundle_file / bundle_endpoint)")
+        chosen = sum(bool(x) for x in (bundle_file, bundle, endpoint))
+        if chosen != 1:
+            entry.fail(key, "needs exactly one of bundle: workload-api, bundle_file or bundle_endpoint")
+        if endpoint and profile not in ("https_web", "https_spiffe"):
+            entry.fail(entry.key("endpoint_profile"), "must be https_web or https_spiffe")
+        entry.done()
+        out.append(TrustDomainSettings(trust_domain, bundle_file, bool(bundle), endpoint, profile))
+    return tuple(out)
+
+
+def _catalog(top: _Section, default_max_ttl: int) -> Catalog:
+    raw = top.raw("catalog") or []
+    if not isinstance(raw, list):
+        top.fail("catalog", "must be a list of targets")
+    entries: list[CatalogEntry] = []
+    for index, item in enumerate(raw):
+        section = _Section(top.tree, f"catalog[{index}]", item)
+        entry_id = section.get("id", str, "")
+        class_name = section.get("class", str, "")
+        scopes = section.raw("scopes")
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            section.fail(section.key("scopes"), "must be a list of scope names")
+        try:
+            token_class = TokenClass(class_name)
+        except ValueError:
+            section.fail(section.key("class"), "must be 'tool' or 'data'")
+        try:
+            sensitivity = Sensitivity.parse(section.get("sensitivity", str, "internal"))
+        except ValueError as e:
+            section.fail(section.key("sensitivity"), str(e))
+        max_ttl = section.duration("max_ttl", default_max_ttl)
+        resource = section.get("resource", str, "") or None
+        section.done()
+        try:
+            entries.append(
+                CatalogEntry(
+                    id=entry_id,
+                    token_class=token_class,
+                    scopes=frozenset(scopes),
+                    sensitivity=sensitivity,
+                    resource=resource,
+                    max_ttl=min(max_ttl, default_max_ttl),
+                )
+            )
+        except ValueError as e:
+            section.fail(section.path, f"is not a valid target: {e}")
+    try:
+        return Catalog(entries)
+    except ValueError as e:
+        return top.fail("catalog", str(e))  # type: ignore[no-any-return]
+
+
+def _spiffe_ids(top: _Section, name: str) -> list[SpiffeId]:
+    raw = top.raw(name) or []
+    if not isinstance(raw, list):
+        top.fail(name, "must be a list of SPIFFE IDs")
+    out = []
+    for index, item in enumerate(raw):
+        try:
+            out.append(SpiffeId.parse(item))
+        except SpiffeIdError as e:
+            top.fail(f"{name}[{index}]", f"is not a SPIFFE ID: {e}")
+    return out
+
+
+def config_path_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The config file a WSGI worker process should load (``STS_CONFIG``), set by ``sts serve``."""
+    value = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    return Path(value) if value else None

@@ -1,0 +1,356 @@
+"""The RFC 8693 token-exchange grant: a parsed request in, a signed access token (or a refusal) out.
+
+Steps in order (DESIGN.md): parse → authenticate the client (optional) → verify subject and actor
+JWT-SVIDs → resolve the one target in the catalog → scopes → task → Cedar policy → mint an RFC 9068
+``at+jwt`` with the class's key → audit. Every refusal is an :class:`~sts.errors.StsError`; nothing is
+signed on an error path, and every decision, issued or refused, is audited.
+
+Knows nothing of HTTP: it must not import Flask or ``sts.web``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sts.audit import AuditLog
+from sts.catalog import Catalog, CatalogEntry
+from sts.errors import (
+    InvalidClient,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    InvalidToken,
+    StsError,
+    UnsupportedGrantType,
+)
+from sts.keys import KeyRing
+from sts.policy import Policy, PolicyRequest
+from sts.spiffeid import SpiffeId, SpiffeIdError
+from sts.svid import JwtSvidVerifier, VerifiedJwtSvid
+
+log = logging.getLogger(__name__)
+
+GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+CLIENT_ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+REQUESTABLE_TOKEN_TYPES = (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT)
+MULTI_VALUED = frozenset({"audience", "resource"})
+MIN_LIFETIME_SECONDS = 1
+# RFC 6749 §3.3 scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+_SCOPE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F) if c not in (0x22, 0x5C))
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    """The parameters of one ``POST /token``, parsed once (RFC 6749 §3.2, RFC 8693 §2.1)."""
+
+    grant_type: str
+    subject_token: str | None = None
+    subject_token_type: str | None = None
+    audiences: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+    scopes: frozenset[str] = frozenset()
+    requested_token_type: str = TOKEN_TYPE_ACCESS_TOKEN
+    actor_token: str | None = None
+    actor_token_type: str | None = None
+    task_id: str | None = None
+    client_id: str | None = None
+    client_assertion: str | None = None
+    client_assertion_type: str | None = None
+
+    @classmethod
+    def from_form(cls, form: Mapping[str, Sequence[str]]) -> ExchangeRequest:
+        """Parse a form body: duplicated parameters other than audience/resource are refused
+        (RFC 6749 §3.1), empty values count as omitted, unknown parameters are ignored (§3.2)."""
+        values: dict[str, str] = {}
+        for name, items in form.items():
+            present = [v for v in items if v != ""]
+            if name in MULTI_VALUED:
+                continue
+            if len(items) > 1:
+                raise InvalidRequest(f"parameter '{name}' must not be repeated")
+            if present:
+                values[name] = present[0]
+        grant_type = values.get("grant_type")
+        if grant_type is None:
+            raise InvalidRequest("missing parameter 'grant_type'")
+        raw_scope = values.get("scope", "")
+        scopes = frozenset(raw_scope.split(" ")) - {""}
+        if any(not _SCOPE_CHARS.issuperset(s) for s in scopes):
+            raise InvalidScope("scope holds characters RFC 6749 §3.3 does not allow")
+        return cls(
+            grant_type=grant_type,
+            subject_token=values.get("subject_token"),
+            subject_token_type=values.get("subject_token_type"),
+            audiences=tuple(v for v in form.get("audience", ()) if v),
+            resources=tuple(v for v in form.get("resource", ()) if v),
+            scopes=scopes,
+            requested_token_type=values.get("requested_token_type", TOKEN_TYPE_ACCESS_TOKEN),
+            actor_token=values.get("actor_token"),
+            actor_token_type=values.get("actor_token_type"),
+            task_id=values.get("task_id"),
+            client_id=values.get("client_id"),
+            client_assertion=values.get("client_assertion"),
+            client_assertion_type=values.get("client_assertion_type"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """The RFC 8693 §2.2.1 success response."""
+
+    access_token: str
+    expires_in: int
+    scope: str
+    token_type: str = "Bearer"
+    issued_token_type: str = TOKEN_TYPE_ACCESS_TOKEN
+    jti: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "access_token": self.access_token,
+            "issued_token_type": self.issued_token_type,
+            "token_type": self.token_type,
+            "expires_in": self.expires_in,
+            "scope": self.scope,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIdentity:
+    """Who called, when the client authenticated (draft-ietf-oauth-spiffe-client-auth)."""
+
+    spiffe_id: SpiffeId
+    method: str
+
+
+@dataclass(slots=True)
+class _Trail:
+    """What one exchange learned so far; becomes its audit record, allowed or refused."""
+
+    request_id: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenExchange:
+    """The grant itself; one instance per process, shared by all requests (no per-request state)."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        verifier: JwtSvidVerifier,
+        catalog: Catalog,
+        policy: Policy,
+        keys: KeyRing,
+        audit: AuditLog,
+        max_ttl: int,
+    ) -> None:
+        self.issuer = issuer
+        self.verifier = verifier
+        self.catalog = catalog
+        self.policy = policy
+        self.keys = keys
+        self.audit = audit
+        self.max_ttl = max_ttl
+
+    def exchange(self, request: ExchangeRequest, *, request_id: str, now: float | None = None) -> IssuedToken:
+        """Run every check and mint the token; audits the outcome either way."""
+        current = time.time() if now is None else now
+        trail = _Trail(request_id)
+        try:
+            issued = self._exchange(request, trail, current)
+        except StsError as e:
+            self.audit.record(
+                {
+                    "event": "token_exchange",
+                    "decision": "deny",
+                    "request_id": request_id,
+                    "error": e.error,
+                    "error_description": e.description,
+                    "rule": getattr(e, "rule", None),
+                    **trail.fields,
+                },
+                now=current,
+            )
+            raise
+        self.audit.record(
+            {"event": "token_exchange", "decision": "allow", "request_id": request_id, **trail.fields},
+            now=current,
+        )
+        return issued
+
+    def _exchange(self, request: ExchangeRequest, trail: _Trail, now: float) -> IssuedToken:
+        if request.grant_type != GRANT_TYPE_TOKEN_EXCHANGE:
+            raise UnsupportedGrantType(f"only {GRANT_TYPE_TOKEN_EXCHANGE} is supported here")
+        if request.subject_token is None:
+            raise InvalidRequest("missing parameter 'subject_token'")
+        if request.subject_token_type is None:
+            raise InvalidRequest("missing parameter 'subject_token_type'")
+        if request.subject_token_type != TOKEN_TYPE_JWT:
+            raise InvalidRequest(f"subject_token_type must be {TOKEN_TYPE_JWT} (a JWT-SVID)")
+        if request.requested_token_type not in REQUESTABLE_TOKEN_TYPES:
+            raise InvalidRequest("requested_token_type must be " + " or ".join(REQUESTABLE_TOKEN_TYPES))
+
+        client = self._authenticate_client(request, now)
+        if client is not None:
+            trail.fields.update(client_id=str(client.spiffe_id), client_auth=client.method)
+
+        subject = self._verify(self.verifier, request.subject_token, "subject_token", now)
+        trail.fields["spiffe_id"] = str(subject.spiffe_id)
+        actor = self._verify_actor(request, now)
+        if actor is not None:
+            trail.fields["actor"] = str(actor.spiffe_id)
+        client_id = self._check_client_binding(request, client, subject, actor)
+
+        entry = self.catalog.resolve(request.audiences, request.resources)
+        trail.fields.update(target=entry.id, token_class=entry.token_class.value)
+        scopes = self.catalog.check_scopes(entry, request.scopes)
+        trail.fields["scopes"] = sorted(scopes)
+
+        if request.task_id is not None:
+            trail.fields["task_id"] = request.task_id
+            raise InvalidRequest("unknown task: no task with this id is active")
+
+        decision = self.policy.decide(
+            PolicyRequest(
+                principal=subject.spiffe_id,
+                target=entry,
+                scopes=scopes,
+                now=int(now),
+                client_auth=client.method if client else "none",
+                actor=actor.spiffe_id if actor else None,
+            )
+        )
+        trail.fields["policy_ids"] = list(decision.policy_ids)
+        if not decision.allowed:
+            if decision.errors:
+                log.error("policy evaluation errors for %s: %s", subject.spiffe_id, decision.errors)
+            wanted = " ".join(sorted(scopes))
+            raise InvalidTarget(
+                f"policy does not permit {subject.spiffe_id} to use {entry.id} with scope {wanted}",
+                detail=decision.reason,
+            )
+
+        return self._mint(
+            entry,
+            scopes,
+            subject,
+            actor,
+            client_id=client_id,
+            policy_ttl=decision.ttl_seconds,
+            trail=trail,
+            now=now,
+        )
+
+    def _mint(
+        self,
+        entry: CatalogEntry,
+        scopes: frozenset[str],
+        subject: VerifiedJwtSvid,
+        actor: VerifiedJwtSvid | None,
+        *,
+        client_id: str,
+        policy_ttl: int | None,
+        trail: _Trail,
+        now: float,
+    ) -> IssuedToken:
+        """Build the RFC 9068 claims and sign them; ``exp`` never outlives the subject SVID (DESIGN.md)."""
+        issued_at = int(now)
+        lifetimes = [entry.max_ttl, self.max_ttl] + ([policy_ttl] if policy_ttl is not None else [])
+        expires_at = min(issued_at + min(lifetimes), subject.expiry)
+        if expires_at - issued_at < MIN_LIFETIME_SECONDS:
+            raise InvalidRequest("subject_token: expires too soon to issue a token from it")
+        jti = secrets.token_urlsafe(16)
+        scope = " ".join(sorted(scopes))
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": str(subject.spiffe_id),
+            "aud": entry.id,
+            "client_id": client_id,
+            "iat": issued_at,
+            "nbf": issued_at,
+            "exp": expires_at,
+            "jti": jti,
+            "scope": scope,
+            "token_class": entry.token_class.value,
+        }
+        if actor is not None:
+            claims["act"] = _act_claim(actor)
+        token = self.keys.sign(entry.token_class, claims)
+        trail.fields.update(jti=jti, exp=expires_at, kid=self.keys.active(entry.token_class).kid)
+        return IssuedToken(access_token=token, expires_in=expires_at - issued_at, scope=scope, jti=jti)
+
+    def _authenticate_client(self, request: ExchangeRequest, now: float) -> ClientIdentity | None:
+        """``jwt-spiffe`` client assertion: a JWT-SVID whose only audience is this issuer."""
+        if request.client_assertion is None and request.client_assertion_type is None:
+            return None
+        if request.client_assertion is None or request.client_assertion_type is None:
+            raise InvalidClient("client_assertion and client_assertion_type go together")
+        if request.client_assertion_type != CLIENT_ASSERTION_TYPE_JWT_SPIFFE:
+            raise InvalidClient(f"client_assertion_type must be {CLIENT_ASSERTION_TYPE_JWT_SPIFFE}")
+        try:
+            svid = self.verifier.verify(request.client_assertion, now=now)
+        except InvalidToken as e:
+            raise InvalidClient(f"client_assertion: {e.description}") from e
+        if svid.audience != (self.issuer,):
+            raise InvalidClient("client_assertion: audience must be this issuer only")
+        return ClientIdentity(svid.spiffe_id, "spiffe_jwt")
+
+    def _check_client_binding(
+        self,
+        request: ExchangeRequest,
+        client: ClientIdentity | None,
+        subject: VerifiedJwtSvid,
+        actor: VerifiedJwtSvid | None,
+    ) -> str:
+        """The ``client_id`` of the token: the authenticated client, else the subject workload itself.
+
+        An unauthenticated ``client_id`` can only name the subject; an authenticated client must be
+        the subject or, when delegating, the actor (draft-ietf-oauth-spiffe-client-auth).
+        """
+        if request.client_id is not None:
+            try:
+                claimed = SpiffeId.parse(request.client_id)
+            except SpiffeIdError as e:
+                raise InvalidClient("client_id must be the client's SPIFFE ID") from e
+            expected = client.spiffe_id if client else subject.spiffe_id
+            if claimed != expected:
+                raise InvalidClient("client_id does not match the authenticated client")
+        if client is None:
+            return str(subject.spiffe_id)
+        allowed = {subject.spiffe_id} | ({actor.spiffe_id} if actor else set())
+        if client.spiffe_id not in allowed:
+            raise InvalidClient("the authenticated client is neither the subject nor the actor")
+        return str(client.spiffe_id)
+
+    def _verify_actor(self, request: ExchangeRequest, now: float) -> VerifiedJwtSvid | None:
+        if request.actor_token is None and request.actor_token_type is None:
+            return None
+        if request.actor_token is None or request.actor_token_type is None:
+            raise InvalidRequest("actor_token and actor_token_type go together (RFC 8693 §2.1)")
+        if request.actor_token_type != TOKEN_TYPE_JWT:
+            raise InvalidRequest(f"actor_token_type must be {TOKEN_TYPE_JWT} (a JWT-SVID)")
+        return self._verify(self.verifier, request.actor_token, "actor_token", now)
+
+    @staticmethod
+    def _verify(verifier: JwtSvidVerifier, token: str, parameter: str, now: float) -> VerifiedJwtSvid:
+        try:
+            return verifier.verify(token, now=now)
+        except InvalidToken as e:
+            raise e.for_parameter(parameter) from e
+
+
+def _act_claim(actor: VerifiedJwtSvid) -> dict[str, Any]:
+    """RFC 8693 §4.1: the acting party, with any ``act`` it carried nested inside."""
+    claim: dict[str, Any] = {"sub": str(actor.spiffe_id)}
+    nested = actor.claims.get("act")
+    if isinstance(nested, dict):
+        claim["act"] = nested
+    return claim

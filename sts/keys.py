@@ -1,0 +1,211 @@
+"""Signing keys per token class, their rotation and the public JWKS: the only code touching private keys.
+
+Tool and data tokens are signed by different key sets so that a verifier trusting one class can never
+accept the other. Each key's ``kid`` is ``<class>-<RFC 7638 thumbprint>``: the class is readable in
+the ``kid`` (DESIGN.md) and the rest is the key's own SHA-256 JWK thumbprint.
+
+Keys live in ``<dir>/<class>/<created>-<thumbprint>.pem`` (PKCS#8, mode 0600, directory 0700).
+A key the server had to generate for itself at start is named ``dev-…`` and logged loudly every
+time it is loaded: production keys are provisioned with ``sts keys create`` (or a Kubernetes Secret).
+Rotation: when the newest key of a class is older than ``rotate_after``, a new one is made; keys stay
+published in the JWKS for another ``rotate_after`` so tokens signed before rotation still verify.
+
+Imports ``sts.catalog`` (for TokenClass) and ``sts.config`` (for KeySettings) only.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from sts.catalog import TokenClass
+from sts.config import KeySettings
+from sts.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ACCESS_TOKEN_TYPE = "at+jwt"
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """One ES256 key of one token class; the private half never leaves this module's methods."""
+
+    token_class: TokenClass
+    kid: str
+    created_at: int
+    generated_for_development: bool
+    _private_key: ec.EllipticCurvePrivateKey
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._private_key.public_key()
+
+    def public_jwk(self) -> dict[str, Any]:
+        jwk: dict[str, Any] = ECAlgorithm.to_jwk(self.public_key, as_dict=True)
+        jwk.update({"kid": self.kid, "use": "sig", "alg": "ES256"})
+        return jwk
+
+
+def thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
+    """RFC 7638 JWK thumbprint: SHA-256 over the required members in lexicographic order, base64url."""
+    jwk = ECAlgorithm.to_jwk(public_key, as_dict=True)
+    canonical = json.dumps(
+        {k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True
+    )
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+
+
+class KeyRing:
+    """All keys of all classes: the active signing key per class, and every still-published public key."""
+
+    def __init__(self, keys: Mapping[TokenClass, list[SigningKey]]) -> None:
+        for token_class in TokenClass:
+            if not keys.get(token_class):
+                raise ConfigError(f"keys: no signing key for token class '{token_class}'")
+        self._keys = {c: sorted(keys[c], key=lambda k: k.created_at) for c in TokenClass}
+        self._active = {c: self._keys[c][-1] for c in TokenClass}
+        self._jwks = {"keys": [k.public_jwk() for c in TokenClass for k in reversed(self._keys[c])]}
+        self._by_kid = {k.kid: k for c in TokenClass for k in self._keys[c]}
+
+    @classmethod
+    def load_or_create(cls, settings: KeySettings, *, now: float | None = None) -> KeyRing:
+        """Load the key directory, creating or rotating keys as needed (under a lock: workers share it)."""
+        current = int(time.time() if now is None else now)
+        keys: dict[TokenClass, list[SigningKey]] = {}
+        with _locked(settings.dir):
+            for token_class in TokenClass:
+                class_dir = settings.dir / token_class.value
+                class_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                loaded = [_read_key(path, token_class) for path in sorted(class_dir.glob("*.pem"))]
+                newest = max((k.created_at for k in loaded), default=None)
+                if newest is None:
+                    loaded.append(_create_key(class_dir, token_class, current, development=True))
+                elif current - newest >= settings.rotate_after:
+                    development = all(k.generated_for_development for k in loaded)
+                    loaded.append(_create_key(class_dir, token_class, current, development=development))
+                    log.info(
+                        "rotated the %s signing key (older than %ss)", token_class, settings.rotate_after
+                    )
+                keys[token_class] = _retire(loaded, current, settings.rotate_after)
+        ring = cls(keys)
+        for token_class, key in ring._active.items():
+            if key.generated_for_development:
+                log.warning(
+                    "USING A GENERATED DEVELOPMENT SIGNING KEY for %s tokens (%s in %s). Provision keys "
+                    "with 'sts keys create --config FILE' or a Kubernetes Secret before production use.",
+                    token_class,
+                    key.kid,
+                    settings.dir,
+                )
+        return ring
+
+    def active(self, token_class: TokenClass) -> SigningKey:
+        return self._active[token_class]
+
+    def sign(self, token_class: TokenClass, claims: Mapping[str, Any]) -> str:
+        """A compact JWS of ``claims`` as an RFC 9068 ``at+jwt``, signed with the class's active key."""
+        key = self._active[token_class]
+        return jwt.encode(
+            dict(claims),
+            key._private_key,
+            algorithm="ES256",
+            headers={"typ": ACCESS_TOKEN_TYPE, "kid": key.kid},
+        )
+
+    def jwks(self) -> Mapping[str, Any]:
+        """Every published public key of every class; ``kid`` names the class, ``use`` is ``sig``."""
+        return self._jwks
+
+    def public_keys(self, token_class: TokenClass) -> dict[str, ec.EllipticCurvePublicKey]:
+        return {k.kid: k.public_key for k in self._keys[token_class]}
+
+    def key_class(self, kid: str) -> TokenClass | None:
+        key = self._by_kid.get(kid)
+        return key.token_class if key else None
+
+
+def create_provisioned_keys(settings: KeySettings, *, now: float | None = None) -> list[str]:
+    """``sts keys create``: a new production (non-development) key per class; returns the new kids."""
+    current = int(time.time() if now is None else now)
+    kids = []
+    with _locked(settings.dir):
+        for token_class in TokenClass:
+            class_dir = settings.dir / token_class.value
+            class_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            kids.append(_create_key(class_dir, token_class, current, development=False).kid)
+    return kids
+
+
+def _retire(keys: list[SigningKey], now: int, rotate_after: int) -> list[SigningKey]:
+    """Keep the newest key and every key replaced less than ``rotate_after`` ago (still verifying)."""
+    ordered = sorted(keys, key=lambda k: k.created_at)
+    kept = [ordered[-1]]
+    for older, newer in itertools.pairwise(ordered):
+        if now - newer.created_at < rotate_after:
+            kept.append(older)
+    return sorted(kept, key=lambda k: k.created_at)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _create_key(class_dir: Path, token_class: TokenClass, now: int, *, development: bool) -> SigningKey:
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    kid = f"{token_class.value}-{thumbprint(private_key.public_key())}"
+    name = f"{'dev-' if development else ''}{now}-{kid}.pem"
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path = class_dir / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    if development:
+        log.warning("generated a development signing key for %s tokens at %s", token_class, path)
+    return SigningKey(token_class, kid, now, development, private_key)
+
+
+def _read_key(path: Path, token_class: TokenClass) -> SigningKey:
+    mode = path.stat().st_mode & 0o077
+    if mode:
+        raise ConfigError(f"keys: {path} is readable by group or others (mode {oct(mode)}); chmod 600 it")
+    try:
+        private_key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"keys: {path} is not an unencrypted PKCS#8 PEM private key") from e
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(
+        private_key.curve, ec.SECP256R1
+    ):
+        raise ConfigError(f"keys: {path} is not a P-256 (ES256) key")
+    stem = path.stem.removeprefix("dev-")
+    created, _, kid_in_name = stem.partition("-")
+    kid = f"{token_class.value}-{thumbprint(private_key.public_key())}"
+    if not created.isdigit() or kid_in_name != kid:
+        raise ConfigError(f"keys: {path} does not match its name <created>-{kid}.pem")
+    return SigningKey(token_class, kid, int(created), path.name.startswith("dev-"), private_key)

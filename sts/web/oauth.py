@@ -1,0 +1,74 @@
+"""OAuth endpoints: ``POST /token`` (RFC 8693), RFC 8414 metadata, and the JWKS."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from sts.errors import InvalidRequest
+from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE, ExchangeRequest
+from sts.runtime import Services
+
+oauth = Blueprint("oauth", __name__)
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+def services() -> Services:
+    return current_app.extensions["sts"]  # type: ignore[no-any-return]
+
+
+@oauth.post("/token")
+def token() -> Response:
+    """RFC 8693 §2: form-encoded body only; parameters in the query string are refused (RFC 6749 §3.2)."""
+    if request.mimetype != FORM_CONTENT_TYPE:
+        raise InvalidRequest(f"the token request must be sent as {FORM_CONTENT_TYPE}")
+    if request.query_string:
+        raise InvalidRequest("parameters must be sent in the request body, not the URL")
+    form = {name: request.form.getlist(name) for name in request.form}
+    exchange_request = ExchangeRequest.from_form(form)
+    issued = services().exchange.exchange(exchange_request, request_id=g.request_id)
+    response = jsonify(issued.to_json())
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
+@oauth.get("/.well-known/oauth-authorization-server")
+def metadata() -> Response:
+    """RFC 8414 authorization server metadata: every endpoint this server offers."""
+    settings = services().settings
+    issuer = settings.issuer
+    scopes = sorted({scope for entry in settings.catalog for scope in entry.scopes})
+    response = jsonify(
+        {
+            "issuer": issuer,
+            "token_endpoint": f"{issuer}/token",
+            "jwks_uri": f"{issuer}/jwks.json",
+            "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
+            "response_types_supported": [],
+            "token_endpoint_auth_methods_supported": ["none", "spiffe_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": [
+                "RS256",
+                "RS384",
+                "RS512",
+                "ES256",
+                "ES384",
+                "ES512",
+                "PS256",
+                "PS384",
+                "PS512",
+            ],
+            "client_assertion_types_supported": [CLIENT_ASSERTION_TYPE_JWT_SPIFFE],
+            "scopes_supported": scopes,
+            "access_token_signing_alg_values_supported": [settings.keys.algorithm],
+        }
+    )
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+@oauth.get("/jwks.json")
+def jwks() -> Response:
+    """All public signing keys of every token class; each ``kid`` names its class."""
+    response = jsonify(services().keys.jwks())
+    response.headers["Cache-Control"] = "public, max-age=60"
+    return response

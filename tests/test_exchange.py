@@ -1,0 +1,100 @@
+"""The grant in-process with frozen time: request parsing, lifetimes, and the audit trail of refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sts.config import load_settings
+from sts.errors import InvalidRequest, InvalidScope, InvalidTarget
+from sts.exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_JWT, ExchangeRequest
+from sts.runtime import Services, build_services
+from tests.authority import TestAuthority
+from tests.conftest import write_config
+
+NOW = 1_900_000_000
+AGENT = "spiffe://example.org/agent/researcher"
+
+
+@pytest.fixture
+def services(tmp_path: Path, example_org: TestAuthority, partner_test: TestAuthority) -> Services:
+    config = write_config(tmp_path, 8443, example_org, partner_test)
+    return build_services(load_settings(config, environ={}))
+
+
+def request(token: str, **extra: str) -> ExchangeRequest:
+    form = {"grant_type": [GRANT_TYPE_TOKEN_EXCHANGE], "subject_token": [token], "subject_token_type": [TOKEN_TYPE_JWT]}
+    form.update({k: [v] for k, v in extra.items()})
+    return ExchangeRequest.from_form(form)
+
+
+def test_form_parsing_rules() -> None:
+    parsed = ExchangeRequest.from_form(
+        {
+            "grant_type": [GRANT_TYPE_TOKEN_EXCHANGE],
+            "audience": ["a", "b"],
+            "scope": ["read  write"],
+            "actor_token": [""],
+            "unknown_extension": ["ignored"],
+        }
+    )
+    assert parsed.audiences == ("a", "b")
+    assert parsed.scopes == frozenset({"read", "write"})
+    assert parsed.actor_token is None  # an empty value counts as omitted (RFC 6749 §3.1)
+
+
+@pytest.mark.parametrize(
+    ("form", "error", "text"),
+    [
+        ({"grant_type": ["x", "x"]}, InvalidRequest, "repeated"),
+        ({"grant_type": [GRANT_TYPE_TOKEN_EXCHANGE], "scope": ['a"b']}, InvalidScope, "RFC 6749"),
+        ({"scope": ["x"]}, InvalidRequest, "grant_type"),
+    ],
+    ids=["repeated-parameter", "scope-bad-characters", "no-grant-type"],
+)
+def test_form_refusals(form: dict[str, list[str]], error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=text):
+        ExchangeRequest.from_form(form)
+
+
+def test_exp_is_the_smallest_bound(services: Services, example_org: TestAuthority) -> None:
+    issuer = services.settings.issuer
+    svid = example_org.mint(AGENT, issuer, now=NOW, ttl=100)
+    issued = services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+    assert issued.expires_in == 100  # SVID (100) < policy @ttl (200) < catalog (300)
+    issued = services.exchange.exchange(request(svid, audience="data:crm", scope="read"), request_id="r", now=NOW)
+    assert issued.expires_in == 60  # policy @ttl("60") < SVID < catalog 120
+
+
+def test_svid_inside_leeway_but_past_exp_issues_nothing(services: Services, example_org: TestAuthority) -> None:
+    svid = example_org.mint(AGENT, services.settings.issuer, now=NOW - 100, ttl=95)  # expired 5 s ago
+    with pytest.raises(InvalidRequest, match="expires too soon"):
+        services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+
+
+def test_refusal_is_audited_with_rule(
+    services: Services, example_org: TestAuthority, tmp_path: Path
+) -> None:
+    svid = example_org.mint(AGENT, "https://elsewhere.example", now=NOW)
+    with pytest.raises(InvalidRequest):
+        services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r-aud", now=NOW)
+    svid = example_org.mint(AGENT, services.settings.issuer, now=NOW)
+    with pytest.raises(InvalidTarget):
+        services.exchange.exchange(request(svid, audience="data:crm", scope="write"), request_id="r-deny", now=NOW)
+    services.audit.close()
+    records = {r["request_id"]: r for r in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())}
+    assert records["r-aud"]["rule"] == "aud"
+    assert records["r-aud"]["error"] == "invalid_request"
+    assert records["r-deny"]["spiffe_id"] == AGENT
+    assert records["r-deny"]["policy_ids"] == []
+    assert records["r-deny"]["error"] == "invalid_target"
+
+
+def test_same_request_same_decision(services: Services, example_org: TestAuthority) -> None:
+    svid = example_org.mint(AGENT, services.settings.issuer, now=NOW)
+    first = services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="a", now=NOW)
+    second = services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="b", now=NOW)
+    assert first.expires_in == second.expires_in
+    assert first.jti != second.jti
