@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sts.config import CONFIG_ENV, Settings, load_settings
 from sts.errors import ConfigError, StsError
+from sts.policy import BINDINGS, CLIENT_AUTH_METHODS
 
 log = logging.getLogger("sts")
 
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--resource", help="resource URI of the target")
     check.add_argument("--scope", required=True, help="space-separated scopes")
     check.add_argument("--actor", help="SPIFFE ID of an acting party (delegation)")
-    check.add_argument("--client-auth", default="none", help="client authentication method to assume")
+    check.add_argument("--client-auth", default="none", choices=sorted(CLIENT_AUTH_METHODS))
+    check.add_argument("--binding", default="none", choices=sorted(BINDINGS), help="token binding to assume")
     check.set_defaults(run=_policy_check)
 
     keys = commands.add_parser("keys", help="signing key tools").add_subparsers(title="key commands")
@@ -101,13 +103,14 @@ def _serve(args: argparse.Namespace) -> int:
         address=settings.listen.host,
         port=settings.listen.port,
         workers=settings.server.workers,
+        blocking_threads=settings.server.threads,
         log_access=False,
     ).serve()
     return EXIT_OK
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from sts.policy import CedarPolicy, PolicyRequest
+    from sts.policy import CedarPolicy, PolicyRequest, explain
     from sts.spiffeid import SpiffeId, SpiffeIdError
 
     settings = _settings(args.config)
@@ -126,23 +129,17 @@ def _policy_check(args: argparse.Namespace) -> int:
     except StsError as e:
         print(f"DENY ({e.error}): {e.description}")
         return EXIT_NO
-    decision = policy.decide(
-        PolicyRequest(
-            principal=principal,
-            target=entry,
-            scopes=scopes,
-            now=int(time.time()),
-            client_auth=args.client_auth,
-            actor=actor,
-        )
+    request = PolicyRequest(
+        principal=principal,
+        target=entry,
+        scopes=scopes,
+        now=int(time.time()),
+        client_auth=args.client_auth,
+        binding=args.binding,
+        actor=actor,
     )
-    verdict = "ALLOW" if decision.allowed else "DENY"
-    print(f"{verdict}: {principal} → {entry.id} ({entry.token_class}) scope {' '.join(sorted(scopes))}")
-    print(f"  {decision.reason}")
-    if decision.ttl_seconds is not None:
-        print(f"  policy TTL: {decision.ttl_seconds}s")
-    for error in decision.errors:
-        print(f"  error: {error}")
+    decision = policy.decide(request)
+    print(explain(decision, request, policy.origins))
     return EXIT_OK if decision.allowed else EXIT_NO
 
 

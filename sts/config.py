@@ -85,9 +85,10 @@ class LimitSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """The production WSGI server; ``workers`` defaults to the machine's cores."""
+    """The production WSGI server: ``workers`` processes (default: the cores), ``threads`` each."""
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = 8
     max_body_bytes: int = 64 * 1024
 
 
@@ -213,7 +214,7 @@ class _Section:
         if not value:
             return None
         path = Path(value).expanduser()
-        return path if path.is_absolute() else (base / path)
+        return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
     def section(self, name: str) -> _Section:
         return _Section(self.tree, self.key(name), self.raw(name))
@@ -375,6 +376,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     server_section = top.section("server")
     server = ServerSettings(
         workers=server_section.positive("workers", os.cpu_count() or 1),
+        threads=server_section.positive("threads", 8),
         max_body_bytes=server_section.positive("max_body_bytes", 64 * 1024),
     )
     server_section.done()

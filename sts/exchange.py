@@ -26,6 +26,7 @@ from sts.errors import (
     InvalidTarget,
     InvalidToken,
     StsError,
+    TemporarilyUnavailable,
     UnsupportedGrantType,
 )
 from sts.keys import KeyRing
@@ -229,9 +230,12 @@ class TokenExchange:
             )
         )
         trail.fields["policy_ids"] = list(decision.policy_ids)
+        if decision.errors:
+            # A policy that cannot be evaluated is a dependency down: refuse, and let operators see why.
+            trail.fields["policy_errors"] = list(decision.errors)
+            raise TemporarilyUnavailable("policy could not be evaluated", detail="; ".join(decision.errors))
         if not decision.allowed:
-            if decision.errors:
-                log.error("policy evaluation errors for %s: %s", subject.spiffe_id, decision.errors)
+            trail.fields["denied_scopes"] = list(decision.denied_scopes)
             wanted = " ".join(sorted(scopes))
             raise InvalidTarget(
                 f"policy does not permit {subject.spiffe_id} to use {entry.id} with scope {wanted}",

@@ -44,9 +44,10 @@ def test_policy_check_allow(config: Path, capsys: pytest.CaptureFixture[str]) ->
     code = main(["policy", "check", "--config", str(config), "--spiffe-id", AGENT, "--audience", "tool:calc", "--scope", "invoke"])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.startswith("ALLOW")
-    assert "agents-invoke-tools" in out
-    assert "200s" in out
+    assert "decision:  ALLOW" in out
+    assert "agents-invoke-tools  (" in out
+    assert "policies/test.cedar:3)" in out
+    assert "ttl:       200s" in out
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def test_example_config_loads() -> None:
         web is not None and web.token_class is TokenClass.TOOL and web.resource == "https://search.internal/"
     )
     assert crm is not None and crm.sensitivity is Sensitivity.CONFIDENTIAL and crm.max_ttl == 120
-    assert settings.keys.dir == (EXAMPLE.parent / "../state/keys")
+    assert settings.keys.dir == EXAMPLE.parent.parent / "state" / "keys"
     assert [str(t.trust_domain) for t in settings.trust_domains] == ["example.org", "partner.test"]
 
 

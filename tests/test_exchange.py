@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sts.config import load_settings
-from sts.errors import InvalidRequest, InvalidScope, InvalidTarget
+from sts.errors import InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable
 from sts.exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_JWT, ExchangeRequest
 from sts.runtime import Services, build_services
 from tests.authority import TestAuthority
@@ -98,3 +98,19 @@ def test_same_request_same_decision(services: Services, example_org: TestAuthori
     second = services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="b", now=NOW)
     assert first.expires_in == second.expires_in
     assert first.jti != second.jti
+
+
+def test_policy_that_cannot_be_evaluated_refuses_with_503(
+    tmp_path: Path, example_org: TestAuthority, partner_test: TestAuthority
+) -> None:
+    """A forbid that overflows at run time must not let the permit through (Cedar skips erroring policies)."""
+    config = write_config(tmp_path, 8443, example_org, partner_test)
+    (tmp_path / "policies" / "overflow.cedar").write_text(
+        '@id("overflowing-forbid")\nforbid(principal, action, resource) when { context.now * 1000000000000 > 0 };\n'
+    )
+    services = build_services(load_settings(config, environ={}))
+    svid = example_org.mint(AGENT, services.settings.issuer, now=NOW)
+    with pytest.raises(TemporarilyUnavailable, match="policy could not be evaluated") as caught:
+        services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+    assert caught.value.status == 503
+    assert "overflow" in (caught.value.detail or "")

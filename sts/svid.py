@@ -1,0 +1,308 @@
+"""JWT-SVID verification exactly per the SPIFFE JWT-SVID standard (JWT-SVID.md), with time as a parameter.
+
+Owns :class:`JwtSvidVerifier` and its result :class:`VerifiedJwtSvid`. The rules run in the order of
+:data:`RULES` and stop at the first failure, raised as :class:`sts.errors.InvalidToken` whose ``rule``
+is that stable name and whose description says it in words, never naming a key id, key material or
+bundle contents. The signing key is chosen only from the bundle of the ``sub`` claim's trust domain
+(SPIFFE_Workload_API.md §4.6, §6.3); ``jku``, ``x5u``, ``jwk`` and ``x5c`` headers are never followed.
+Signatures are checked with PyJWT's algorithm objects on keys parsed once by :mod:`sts.trust`.
+
+Imports only ``sts.errors``, ``sts.spiffeid`` and ``sts.trust`` of the project; must not import web,
+policy, config or store modules. Does no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ec import (
+    SECP256R1,
+    SECP384R1,
+    SECP521R1,
+    EllipticCurve,
+    EllipticCurvePublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from jwt.algorithms import Algorithm, ECAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
+
+from sts.errors import InvalidToken
+from sts.spiffeid import SpiffeId, SpiffeIdError
+from sts.trust import JwtAuthority, TrustStore, load_json_object
+
+RULES: tuple[str, ...] = (
+    "size",
+    "malformed",
+    "alg",
+    "typ",
+    "crit",
+    "kid",
+    "sub",
+    "trust_domain",
+    "kid_unknown",
+    "key_mismatch",
+    "signature",
+    "aud",
+    "exp",
+    "expired",
+    "nbf",
+    "iat",
+)
+"""Every ``InvalidToken.rule`` this module raises, in the order the rules are checked."""
+
+DEFAULT_LEEWAY_SECONDS = 30
+DEFAULT_MAX_TOKEN_BYTES = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class _Algorithm:
+    """A JWT-SVID ``alg``: PyJWT's verifier and the key it needs (RSA when ``curve`` is None)."""
+
+    verifier: Algorithm
+    curve: type[EllipticCurve] | None
+
+
+# JWT-SVID.md §2.1: exactly these; "none", HS*, EdDSA and everything else are refused whatever the key.
+ALGORITHMS: Mapping[str, _Algorithm] = MappingProxyType(
+    {
+        "RS256": _Algorithm(RSAAlgorithm(RSAAlgorithm.SHA256), None),
+        "RS384": _Algorithm(RSAAlgorithm(RSAAlgorithm.SHA384), None),
+        "RS512": _Algorithm(RSAAlgorithm(RSAAlgorithm.SHA512), None),
+        "ES256": _Algorithm(ECAlgorithm(ECAlgorithm.SHA256, SECP256R1), SECP256R1),
+        "ES384": _Algorithm(ECAlgorithm(ECAlgorithm.SHA384, SECP384R1), SECP384R1),
+        "ES512": _Algorithm(ECAlgorithm(ECAlgorithm.SHA512, SECP521R1), SECP521R1),
+        "PS256": _Algorithm(RSAPSSAlgorithm(RSAPSSAlgorithm.SHA256), None),
+        "PS384": _Algorithm(RSAPSSAlgorithm(RSAPSSAlgorithm.SHA384), None),
+        "PS512": _Algorithm(RSAPSSAlgorithm(RSAPSSAlgorithm.SHA512), None),
+    }
+)
+
+_TYPES = ("JWT", "JOSE")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_MAX_DETAIL = 64
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedJwtSvid:
+    """A JWT-SVID that passed every rule; ``claims`` is a read-only view of the whole payload."""
+
+    spiffe_id: SpiffeId
+    audience: tuple[str, ...]
+    expiry: int
+    issued_at: int | None
+    claims: Mapping[str, Any]
+    token_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class _CompactJws:
+    signing_input: bytes
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signature: bytes
+
+
+class JwtSvidVerifier:
+    """Verifies JWT-SVIDs presented to this server (whose audience is ``audience``) against a trust store."""
+
+    def __init__(
+        self,
+        trust: TrustStore,
+        audience: str,
+        *,
+        leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+    ) -> None:
+        if not audience:
+            raise ValueError("the audience JWT-SVIDs must carry may not be empty")
+        if leeway_seconds < 0:
+            raise ValueError("leeway_seconds may not be negative")
+        if max_token_bytes < 1:
+            raise ValueError("max_token_bytes must be positive")
+        self._trust = trust
+        self._audience = audience
+        self._leeway = leeway_seconds
+        self._max_token_bytes = max_token_bytes
+
+    @property
+    def audience(self) -> str:
+        return self._audience
+
+    def verify(self, token: str, *, now: float | None = None) -> VerifiedJwtSvid:
+        """Check ``token`` against every rule of :data:`RULES` in order; ``now`` defaults to the clock."""
+        when = time.time() if now is None else now
+        # size: before any parsing. Characters never outnumber bytes; non-ASCII is refused just below.
+        if len(token) > self._max_token_bytes:
+            raise InvalidToken("size", "token is larger than this server accepts")
+        jws = _parse_compact(token)
+        header, claims = jws.header, jws.claims
+
+        # JWT-SVID.md §2.1, §4: the algorithm must be allowed before anything else is processed.
+        alg = header.get("alg")
+        algorithm = ALGORITHMS.get(alg) if isinstance(alg, str) else None
+        if algorithm is None:
+            raise InvalidToken("alg", "token signing algorithm is not allowed for JWT-SVIDs")
+        # JWT-SVID.md §2.3.
+        if "typ" in header and header["typ"] not in _TYPES:
+            raise InvalidToken("typ", "token type (typ) must be absent, JWT or JOSE")
+        # RFC 7515 §4.1.11: we understand no extension, so a critical one must be refused.
+        if "crit" in header:
+            raise InvalidToken("crit", "token carries critical header extensions, which are not supported")
+        # JWT-SVID.md §2.2 makes kid optional, but it is the only way to pick the key from the bundle.
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise InvalidToken("kid", "token header has no key id (kid)")
+
+        spiffe_id = _subject(claims)
+        key = self._signing_key(spiffe_id, kid)
+        if not _key_fits(key, algorithm):
+            raise InvalidToken("key_mismatch", "signing key does not fit the token's algorithm")
+        # RFC 7515 §5.2: the signature over the exact bytes received.
+        if not algorithm.verifier.verify(jws.signing_input, key, jws.signature):
+            raise InvalidToken("signature", "token signature is invalid")
+
+        audience = self._check_audience(claims)
+        expiry = self._check_times(claims, when)
+        issued_at = claims.get("iat")
+        return VerifiedJwtSvid(
+            spiffe_id=spiffe_id,
+            audience=audience,
+            expiry=expiry,
+            issued_at=None if issued_at is None else int(issued_at),
+            claims=MappingProxyType(claims),
+            token_hash=hashlib.sha256(token.encode("ascii")).hexdigest(),
+        )
+
+    def _signing_key(self, spiffe_id: SpiffeId, kid: str) -> JwtAuthority:
+        """The key ``kid``, looked up only in the bundle of the subject's trust domain (Workload API §6.3)."""
+        trust_domain = spiffe_id.trust_domain
+        bundle = self._trust.bundle_for(trust_domain)
+        if bundle is None:
+            raise InvalidToken(
+                "trust_domain",
+                "the subject's trust domain is not trusted by this server",
+                detail=f"no bundle for trust domain {trust_domain}",
+            )
+        key = bundle.jwt_authorities.get(kid)
+        if key is None:
+            raise InvalidToken(
+                "kid_unknown",
+                "signing key not found in the trust bundle of the subject's trust domain",
+                detail=f"kid {kid[:_MAX_DETAIL]!r} is not in the bundle of {trust_domain}",
+            )
+        return key
+
+    def _check_audience(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
+        """JWT-SVID.md §3.2: ``aud`` present with one or more values, ours among them (RFC 7519 §4.1.3)."""
+        if "aud" not in claims:
+            raise InvalidToken("aud", "token has no audience (aud)")
+        aud = claims["aud"]
+        if isinstance(aud, str):
+            audience: tuple[str, ...] = (aud,)
+        elif isinstance(aud, list) and aud and all(isinstance(value, str) for value in aud):
+            audience = tuple(aud)
+        else:
+            raise InvalidToken("aud", "token audience (aud) must be a string or a non-empty list of strings")
+        if self._audience not in audience:
+            raise InvalidToken("aud", "audience does not include this server")
+        return audience
+
+    def _check_times(self, claims: Mapping[str, Any], when: float) -> int:
+        """JWT-SVID.md §3.3 (``exp`` required) and RFC 7519 §4.1.4 to §4.1.6, each with the leeway."""
+        if "exp" not in claims:
+            raise InvalidToken("exp", "token has no expiry (exp)")
+        exp = claims["exp"]
+        if not _is_number(exp):
+            raise InvalidToken("exp", "token expiry (exp) is not a number")
+        if when >= exp + self._leeway:
+            raise InvalidToken("expired", "token is expired")
+        if "nbf" in claims:
+            nbf = claims["nbf"]
+            if not _is_number(nbf):
+                raise InvalidToken("nbf", "token not-before time (nbf) is not a number")
+            if nbf > when + self._leeway:
+                raise InvalidToken("nbf", "token is not valid yet")
+        if "iat" in claims:
+            iat = claims["iat"]
+            if not _is_number(iat):
+                raise InvalidToken("iat", "token issue time (iat) is not a number")
+            if iat > when + self._leeway:
+                raise InvalidToken("iat", "token was issued in the future")
+        return int(exp)
+
+
+def _parse_compact(token: str) -> _CompactJws:
+    """JWT-SVID.md §5.1: JWS Compact Serialization only (RFC 7515 §7.1); no JWE, no JSON serialization."""
+    if not token.isascii():
+        raise InvalidToken("malformed", "token holds characters that are not ASCII")
+    if token.lstrip().startswith("{"):
+        raise InvalidToken("malformed", "JWS JSON serialization is not accepted; a JWT-SVID is compact")
+    parts = token.split(".")
+    if len(parts) == 5:
+        raise InvalidToken("malformed", "encrypted tokens (JWE) are not accepted; a JWT-SVID is a signed JWS")
+    if len(parts) != 3:
+        raise InvalidToken("malformed", "token is not a compact JWS of three base64url parts")
+    header_part, payload_part, signature_part = parts
+    return _CompactJws(
+        signing_input=f"{header_part}.{payload_part}".encode("ascii"),
+        header=_json_part(header_part, "header"),
+        claims=_json_part(payload_part, "payload"),
+        signature=_base64url(signature_part, "signature"),
+    )
+
+
+def _base64url(part: str, name: str) -> bytes:
+    """RFC 7515 §2: base64url without padding, strict alphabet, canonical (no stray trailing bits)."""
+    if _BASE64URL.fullmatch(part) is None or len(part) % 4 == 1:
+        raise InvalidToken("malformed", f"token {name} is not base64url without padding")
+    try:
+        decoded = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except binascii.Error as e:
+        raise InvalidToken("malformed", f"token {name} is not base64url without padding") from e
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != part.encode("ascii"):
+        raise InvalidToken("malformed", f"token {name} is not canonical base64url")
+    return decoded
+
+
+def _json_part(part: str, name: str) -> dict[str, Any]:
+    """A header or payload part: a JSON object with unique member names (RFC 7515 §4, RFC 7519 §4)."""
+    raw = _base64url(part, name)
+    try:
+        return load_json_object(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        raise InvalidToken("malformed", f"token {name} is not a JSON object") from e
+
+
+def _subject(claims: Mapping[str, Any]) -> SpiffeId:
+    """JWT-SVID.md §3.1: ``sub`` is the SPIFFE ID of a workload (so it has a path)."""
+    if "sub" not in claims:
+        raise InvalidToken("sub", "token has no subject (sub)")
+    sub = claims["sub"]
+    if not isinstance(sub, str):
+        raise InvalidToken("sub", "token subject (sub) is not a string")
+    try:
+        spiffe_id = SpiffeId.parse(sub)
+    except SpiffeIdError as e:
+        raise InvalidToken("sub", f"token subject (sub) is not a valid SPIFFE ID: {e}") from e
+    if not spiffe_id.path:
+        raise InvalidToken("sub", "token subject (sub) names a trust domain, not a workload")
+    return spiffe_id
+
+
+def _key_fits(key: JwtAuthority, algorithm: _Algorithm) -> bool:
+    """RS*/PS* need an RSA key; ES256/ES384/ES512 need an EC key on P-256/P-384/P-521 (RFC 7518 §3.4)."""
+    if algorithm.curve is None:
+        return isinstance(key, RSAPublicKey)
+    return isinstance(key, EllipticCurvePublicKey) and isinstance(key.curve, algorithm.curve)
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number (RFC 7519 NumericDate); ``true``/``false`` are not numbers even though Python says so."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
