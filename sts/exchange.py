@@ -168,24 +168,35 @@ class TokenExchange:
         try:
             issued = self._exchange(request, trail, current)
         except StsError as e:
-            self.audit.record(
-                {
-                    "event": "token_exchange",
-                    "decision": "deny",
-                    "request_id": request_id,
-                    "error": e.error,
-                    "error_description": e.description,
-                    "rule": getattr(e, "rule", None),
-                    **trail.fields,
-                },
-                now=current,
-            )
+            self.record_refusal(e, request_id=request_id, fields=trail.fields, now=current)
             raise
         self.audit.record(
             {"event": "token_exchange", "decision": "allow", "request_id": request_id, **trail.fields},
             now=current,
         )
         return issued
+
+    def record_refusal(
+        self,
+        error: StsError,
+        *,
+        request_id: str,
+        fields: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Audit one refused exchange, also those refused before they could be parsed (by the HTTP layer)."""
+        self.audit.record(
+            {
+                "event": "token_exchange",
+                "decision": "deny",
+                "request_id": request_id,
+                "error": error.error,
+                "error_description": error.description,
+                "rule": getattr(error, "rule", None),
+                **(fields or {}),
+            },
+            now=now,
+        )
 
     def _exchange(self, request: ExchangeRequest, trail: _Trail, now: float) -> IssuedToken:
         if request.grant_type != GRANT_TYPE_TOKEN_EXCHANGE:

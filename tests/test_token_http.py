@@ -277,3 +277,15 @@ def test_every_decision_is_audited(server: RunningServer, example_org: TestAutho
     assert allow["policy_ids"] == ["agents-invoke-tools"]
     assert deny["decision"] == "deny" and deny["error"] == "invalid_target" and deny["scopes"] == ["write"]
     assert "jti" not in deny
+
+
+def test_refusals_before_the_grant_are_audited_too(server: RunningServer, example_org: TestAuthority) -> None:
+    body = form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke")
+    requests.post(f"{server.url}/token", json=body, headers={"X-Request-Id": "pre-json"}, timeout=5)
+    post(server, {**body, "padding": "x" * 70_000}, headers={"X-Request-Id": "pre-large"})
+    post(server, [*body.items(), ("scope", "invoke")], headers={"X-Request-Id": "pre-repeat"})
+    records = {r["request_id"]: r for r in map(json.loads, server.audit_lines())}
+    assert records["pre-json"]["decision"] == "deny"
+    assert records["pre-json"]["error"] == "invalid_request"
+    assert "larger than" in records["pre-large"]["error_description"]
+    assert "repeated" in records["pre-repeat"]["error_description"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from sts.errors import InvalidRequest
+from sts.errors import InvalidRequest, RequestTooLarge, StsError
 from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE, ExchangeRequest
 from sts.runtime import Services
 
@@ -19,17 +20,34 @@ def services() -> Services:
 
 @oauth.post("/token")
 def token() -> Response:
-    """RFC 8693 §2: form-encoded body only; parameters in the query string are refused (RFC 6749 §3.2)."""
+    """RFC 8693 §2: form-encoded body only; parameters in the query string are refused (RFC 6749 §3.2).
+
+    A request refused before it reaches the grant (wrong media type, too large, repeated parameter)
+    is audited here, so every decision on this endpoint leaves its line.
+    """
+    exchange = services().exchange
+    try:
+        exchange_request = _parse_token_request()
+    except StsError as e:
+        exchange.record_refusal(e, request_id=g.request_id)
+        raise
+    issued = exchange.exchange(exchange_request, request_id=g.request_id)
+    response = jsonify(issued.to_json())
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
+def _parse_token_request() -> ExchangeRequest:
     if request.mimetype != FORM_CONTENT_TYPE:
         raise InvalidRequest(f"the token request must be sent as {FORM_CONTENT_TYPE}")
     if request.query_string:
         raise InvalidRequest("parameters must be sent in the request body, not the URL")
-    form = {name: request.form.getlist(name) for name in request.form}
-    exchange_request = ExchangeRequest.from_form(form)
-    issued = services().exchange.exchange(exchange_request, request_id=g.request_id)
-    response = jsonify(issued.to_json())
-    response.headers["Pragma"] = "no-cache"
-    return response
+    try:
+        form = {name: request.form.getlist(name) for name in request.form}
+    except RequestEntityTooLarge as e:
+        limit = services().settings.server.max_body_bytes
+        raise RequestTooLarge(f"request body is larger than {limit} bytes") from e
+    return ExchangeRequest.from_form(form)
 
 
 @oauth.get("/.well-known/oauth-authorization-server")
