@@ -12,20 +12,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-## run: the example server on embedded defaults, with development trust bundles (until `sts dev` exists)
+## run: the development environment end to end (`sts dev`): Workload API server + STS; it prints what to try
 run: $(STAMP)
-	$(BIN)/python certs/dev_certs.py init
-	@echo "Try it: TOKEN=\$$($(BIN)/python certs/dev_certs.py svid spiffe://example.org/agent/researcher)"
-	@echo "  curl -s localhost:8443/token -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\"
-	@echo "    -d subject_token_type=urn:ietf:params:oauth:token-type:jwt -d subject_token=\$$TOKEN \\"
-	@echo "    -d audience=tool:web-search -d scope=invoke"
-	$(BIN)/sts serve --config examples/config.yaml
+	$(BIN)/sts dev --state-dir state/dev --port 8443
 
 ## test: lint, type-check, then the whole suite
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check sts tests certs
+	$(BIN)/ruff check sts spire tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

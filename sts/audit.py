@@ -72,11 +72,13 @@ def verify_chain(lines: Iterable[str]) -> list[str]:
     for number, line in enumerate(lines, 1):
         try:
             entry = json.loads(line)
-            claimed = entry.pop("hash")
-            chain, seq, prev = entry["chain"], entry["seq"], entry["prev"]
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict) or not {"hash", "chain", "seq", "prev"} <= entry.keys():
             problems.append(f"line {number}: not an audit record")
             continue
+        claimed = entry.pop("hash")
+        chain, seq, prev = entry["chain"], entry["seq"], entry["prev"]
         if _digest(entry) != claimed:
             problems.append(f"line {number}: record was altered (hash mismatch)")
         expected_seq, expected_prev = last.get(chain, (0, GENESIS))

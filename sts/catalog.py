@@ -18,6 +18,13 @@ from urllib.parse import urlsplit
 from sts.errors import InvalidRequest, InvalidScope, InvalidTarget
 
 DEFAULT_MAX_TTL_SECONDS = 300
+# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+_SCOPE_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F) if c not in (0x22, 0x5C))
+
+
+def is_scope_token(text: str) -> bool:
+    """RFC 6749 §3.3 scope token: printable ASCII without space, '"' or '\\'."""
+    return bool(text) and _SCOPE_TOKEN_CHARS.issuperset(text)
 
 
 class TokenClass(StrEnum):
@@ -65,7 +72,7 @@ class CatalogEntry:
         if not self.scopes:
             raise ValueError("scopes must list at least one scope")
         for scope in self.scopes:
-            if not scope or any(c.isspace() or c in '"\\' for c in scope):
+            if not is_scope_token(scope):
                 raise ValueError(f"scope {scope!r} is not a valid RFC 6749 scope token")
         if self.resource is not None and not _is_absolute_uri(self.resource):
             raise ValueError("resource must be an absolute URI without a fragment (RFC 8707 §2)")

@@ -1,4 +1,5 @@
-"""The ``sts`` command: ``serve``, ``policy check``, ``keys create``, ``audit verify``.
+"""The ``sts`` command: ``serve``, ``dev``, ``workload-api``, ``svid``, ``policy check``, ``keys create``,
+``audit verify``.
 
 Exit codes: 0 success (for ``policy check``: allowed), 1 a negative answer (denied, audit chain
 broken), 2 a usage or configuration error, with a message naming the key.
@@ -62,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--config", type=Path, required=True)
     create.set_defaults(run=_keys_create)
 
+    dev = commands.add_parser("dev", help="the development Workload API server and the STS together")
+    dev.add_argument(
+        "--state-dir", type=Path, default=Path("state/dev"), help="keys, database, sockets, dev.json"
+    )
+    dev.add_argument("--port", type=int, default=8443)
+    dev.set_defaults(run=_dev)
+
+    workload_api = commands.add_parser("workload-api", help="run the development Workload API server alone")
+    workload_api.add_argument("--config", type=Path, required=True, help="workload registration YAML")
+    workload_api.add_argument("--state-dir", type=Path, default=Path("state/workload-api"))
+    workload_api.set_defaults(run=_workload_api)
+
+    svid = commands.add_parser("svid", help="fetch a JWT-SVID from a Workload API socket and print it")
+    svid.add_argument("--socket", required=True, help="unix:///path/to/workload.sock")
+    svid.add_argument("--audience", required=True)
+    svid.set_defaults(run=_svid)
+
     audit = commands.add_parser("audit", help="audit log tools").add_subparsers(title="audit commands")
     verify = audit.add_parser("verify", help="check the hash chains of an audit log")
     verify.add_argument("file", type=Path)
@@ -83,11 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
     from sts.runtime import build_services
 
     settings = _settings(args.config)
-    services = build_services(settings)
-    problems = services.readiness()
-    services.audit.close()
-    for problem in problems:
-        log.warning("not ready yet: %s", problem)
+    services = build_services(settings, connect=False)  # checks everything; workers connect themselves
+    services.close()
     os.environ[CONFIG_ENV] = str(args.config.resolve())
     log.info(
         "serving %s on http://%s:%s with %d workers",
@@ -105,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=settings.server.workers,
         blocking_threads=settings.server.threads,
         log_access=False,
+        respawn_failed_workers=True,
     ).serve()
     return EXIT_OK
 
@@ -152,11 +168,40 @@ def _keys_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dev(args: argparse.Namespace) -> int:
+    from sts.dev import run
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args.state_dir, args.port)
+
+
+def _workload_api(args: argparse.Namespace) -> int:
+    from spire.server import serve
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.config, args.state_dir)
+    return EXIT_OK
+
+
+def _svid(args: argparse.Namespace) -> int:
+    """Like ``spire-agent api fetch jwt``: the caller's JWT-SVID for one audience, via py-spiffe."""
+    from spiffe import WorkloadApiClient
+    from spiffe.errors import PySpiffeError
+
+    try:
+        with WorkloadApiClient(socket_path=args.socket) as client:
+            print(client.fetch_jwt_svid(audience={args.audience}, timeout=10).token)
+    except PySpiffeError as e:
+        print(f"sts: cannot fetch a JWT-SVID from {args.socket}: {e}", file=sys.stderr)
+        return EXIT_NO
+    return EXIT_OK
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     from sts.audit import verify_chain
 
     try:
-        lines = args.file.read_text(encoding="utf-8").splitlines()
+        lines = args.file.read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError as e:
         print(f"sts: cannot read {args.file}: {e.strerror}", file=sys.stderr)
         return EXIT_CONFIG

@@ -28,6 +28,9 @@ from sts.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "STS_CONFIG"
+# Parsed and checked now so configurations stay valid, but nothing acts on them yet (tasks and limits
+# come with the store). Saying so beats letting an operator believe a rate limit is in force.
+NOT_ENFORCED_YET = ("limits", "store", "admins")
 SUPPORTED_SIGNING_ALGORITHMS = ("ES256",)
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -37,17 +40,9 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class TlsSettings:
-    cert: Path
-    key: Path
-    client_ca: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class ListenSettings:
     host: str = "127.0.0.1"
     port: int = 8443
-    tls: TlsSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +54,15 @@ class TrustDomainSettings:
     workload_api: bool = False
     bundle_endpoint: str | None = None
     endpoint_profile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadApiSettings:
+    """The Workload API socket (else ``SPIFFE_ENDPOINT_SOCKET``) and how long its bundles may go stale."""
+
+    socket: str | None = None
+    max_staleness: int = 300
+    start_timeout: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +92,7 @@ class ServerSettings:
     """The production WSGI server: ``workers`` processes (default: the cores), ``threads`` each."""
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    threads: int = 8
+    threads: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
     max_body_bytes: int = 64 * 1024
 
 
@@ -97,7 +101,7 @@ class Settings:
     issuer: str
     listen: ListenSettings
     trust_domains: tuple[TrustDomainSettings, ...]
-    workload_api_socket: str | None
+    workload_api: WorkloadApiSettings
     keys: KeySettings
     store_url: str
     catalog: Catalog
@@ -117,6 +121,7 @@ class _Tree:
     def __init__(self, text: str, source: str) -> None:
         self.source = source
         self.lines: dict[str, int] = {}
+        self.from_env: dict[str, str] = {}
         try:
             loader = yaml.SafeLoader(text)
             try:
@@ -147,9 +152,10 @@ class _Tree:
         return loader.construct_object(node)
 
     def where(self, path: str) -> str:
+        variable = self.from_env.get(path)
+        if variable is not None:
+            return f"environment {variable}"
         line = self.lines.get(path)
-        if line is None and path.startswith("env:"):
-            return f"environment {path[4:]}"
         return f"{self.source}, line {line}" if line else self.source
 
 
@@ -276,9 +282,7 @@ def _apply_env(tree: _Tree, environ: Mapping[str, str]) -> None:
             node[leaf] = yaml.safe_load(environ[variable])
         except yaml.YAMLError as e:
             raise ConfigError(f"environment {variable}: not a valid value: {e}") from e
-        tree.lines.pop(dotted, None)
-        tree.lines[f"env:{variable}"] = 0
-        tree.lines[dotted] = 0
+        tree.from_env[dotted] = variable
     unknown = sorted(
         k for k in environ if k.startswith("STS_") and k not in ENV_OVERRIDES and k != CONFIG_ENV
     )
@@ -305,23 +309,28 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
 
 def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     top = _Section(tree, "", tree.data)
+    for key in NOT_ENFORCED_YET:
+        if top.has(key):
+            log.warning("%s: '%s' is accepted but NOT enforced by this version", tree.where(key), key)
 
     listen_section = top.section("listen")
     host = listen_section.get("host", str, "127.0.0.1")
     port = listen_section.get("port", int, 8443)
     if not 0 <= port <= 65535:
         listen_section.fail(listen_section.key("port"), "must be a TCP port (0-65535)")
-    tls = _tls(listen_section, base) if listen_section.has("tls") else None
+    if listen_section.has("tls"):
+        # Refused rather than ignored: an https issuer served over plain HTTP would be a silent downgrade.
+        listen_section.fail(
+            listen_section.key("tls"), "is not supported by this version; terminate TLS in front"
+        )
     listen_section.done()
 
-    issuer = top.get("issuer", str, f"{'https' if tls else 'http'}://{host}:{port}")
+    issuer = top.get("issuer", str, f"http://{host}:{port}")
     _check_issuer(top, issuer)
 
     trust_domains = _trust_domains(top.section("trust_domains"), base)
 
-    workload_api = top.section("workload_api")
-    socket = workload_api.get("socket", str, "") or env.get("SPIFFE_ENDPOINT_SOCKET") or None
-    workload_api.done()
+    workload_api = _workload_api(top.section("workload_api"), env, trust_domains)
 
     keys_section = top.section("keys")
     keys = KeySettings(
@@ -376,7 +385,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     server_section = top.section("server")
     server = ServerSettings(
         workers=server_section.positive("workers", os.cpu_count() or 1),
-        threads=server_section.positive("threads", 8),
+        threads=server_section.positive("threads", 2 * (os.cpu_count() or 1)),
         max_body_bytes=server_section.positive("max_body_bytes", 64 * 1024),
     )
     server_section.done()
@@ -388,9 +397,9 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
 
     return Settings(
         issuer=issuer,
-        listen=ListenSettings(host=host, port=port, tls=tls),
+        listen=ListenSettings(host=host, port=port),
         trust_domains=trust_domains,
-        workload_api_socket=socket,
+        workload_api=workload_api,
         keys=keys,
         store_url=store_url,
         catalog=catalog,
@@ -405,15 +414,23 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     )
 
 
-def _tls(listen: _Section, base: Path) -> TlsSettings:
-    section = listen.section("tls")
-    cert = section.path_value("cert", base)
-    key = section.path_value("key", base)
-    if cert is None or key is None:
-        section.fail(section.path, "needs both 'cert' and 'key'")
-    client_ca = section.get("client_ca", str, "") or None
+def _workload_api(
+    section: _Section, env: Mapping[str, str], trust_domains: tuple[TrustDomainSettings, ...]
+) -> WorkloadApiSettings:
+    settings = WorkloadApiSettings(
+        socket=section.get("socket", str, "") or env.get("SPIFFE_ENDPOINT_SOCKET") or None,
+        max_staleness=section.duration("max_staleness", 300),
+        start_timeout=section.duration("start_timeout", 10),
+    )
+    if settings.socket is not None and not settings.socket.startswith("unix:///"):
+        section.fail(section.key("socket"), "must be unix:///absolute/path")
+    if settings.socket is None and any(t.workload_api for t in trust_domains):
+        section.fail(
+            section.key("socket"),
+            "is needed (or SPIFFE_ENDPOINT_SOCKET) because a trust domain uses bundle: workload-api",
+        )
     section.done()
-    return TlsSettings(cert=cert, key=key, client_ca=client_ca)  # type: ignore[arg-type]
+    return settings
 
 
 def _check_issuer(top: _Section, issuer: str) -> None:
@@ -448,6 +465,8 @@ def _trust_domains(section: _Section, base: Path) -> tuple[TrustDomainSettings, 
         if endpoint and profile not in ("https_web", "https_spiffe"):
             entry.fail(entry.key("endpoint_profile"), "must be https_web or https_spiffe")
         entry.done()
+        if any(existing.trust_domain == trust_domain for existing in out):
+            section.fail(key, f"names trust domain {trust_domain} a second time")
         out.append(TrustDomainSettings(trust_domain, bundle_file, bool(bundle), endpoint, profile))
     return tuple(out)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sts.audit import AuditLog
-from sts.catalog import Catalog, CatalogEntry
+from sts.catalog import Catalog, CatalogEntry, is_scope_token
 from sts.errors import (
     InvalidClient,
     InvalidRequest,
@@ -43,8 +43,8 @@ CLIENT_ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:
 REQUESTABLE_TOKEN_TYPES = (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT)
 MULTI_VALUED = frozenset({"audience", "resource"})
 MIN_LIFETIME_SECONDS = 1
-# RFC 6749 §3.3 scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-_SCOPE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F) if c not in (0x22, 0x5C))
+# Parameters that end up in tokens and audit lines are bounded; tokens are bounded by the verifier.
+MAX_PARAMETER_CHARS = {"task_id": 256, "client_id": 2048, "audience": 2048, "resource": 2048, "scope": 2048}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class ExchangeRequest:
     subject_token_type: str | None = None
     audiences: tuple[str, ...] = ()
     resources: tuple[str, ...] = ()
-    scopes: frozenset[str] = frozenset()
+    scope: str = ""
     requested_token_type: str = TOKEN_TYPE_ACCESS_TOKEN
     actor_token: str | None = None
     actor_token_type: str | None = None
@@ -71,27 +71,25 @@ class ExchangeRequest:
         (RFC 6749 §3.1), empty values count as omitted, unknown parameters are ignored (§3.2)."""
         values: dict[str, str] = {}
         for name, items in form.items():
-            present = [v for v in items if v != ""]
+            limit = MAX_PARAMETER_CHARS.get(name)
+            if limit is not None and any(len(v) > limit for v in items):
+                raise InvalidRequest(f"parameter '{name}' is longer than {limit} characters")
             if name in MULTI_VALUED:
                 continue
             if len(items) > 1:
                 raise InvalidRequest(f"parameter '{name}' must not be repeated")
-            if present:
-                values[name] = present[0]
+            if items[0] != "":
+                values[name] = items[0]
         grant_type = values.get("grant_type")
         if grant_type is None:
             raise InvalidRequest("missing parameter 'grant_type'")
-        raw_scope = values.get("scope", "")
-        scopes = frozenset(raw_scope.split(" ")) - {""}
-        if any(not _SCOPE_CHARS.issuperset(s) for s in scopes):
-            raise InvalidScope("scope holds characters RFC 6749 §3.3 does not allow")
         return cls(
             grant_type=grant_type,
             subject_token=values.get("subject_token"),
             subject_token_type=values.get("subject_token_type"),
             audiences=tuple(v for v in form.get("audience", ()) if v),
             resources=tuple(v for v in form.get("resource", ()) if v),
-            scopes=scopes,
+            scope=values.get("scope", ""),
             requested_token_type=values.get("requested_token_type", TOKEN_TYPE_ACCESS_TOKEN),
             actor_token=values.get("actor_token"),
             actor_token_type=values.get("actor_token_type"),
@@ -170,6 +168,10 @@ class TokenExchange:
         except StsError as e:
             self.record_refusal(e, request_id=request_id, fields=trail.fields, now=current)
             raise
+        except Exception:
+            # Not a refusal but a bug; it still leaves its audit line before the web layer answers 500.
+            self.record_refusal(StsError(), request_id=request_id, fields=trail.fields, now=current)
+            raise
         self.audit.record(
             {"event": "token_exchange", "decision": "allow", "request_id": request_id, **trail.fields},
             now=current,
@@ -214,7 +216,7 @@ class TokenExchange:
         if client is not None:
             trail.fields.update(client_id=str(client.spiffe_id), client_auth=client.method)
 
-        subject = self._verify(self.verifier, request.subject_token, "subject_token", now)
+        subject = self._verify(request.subject_token, "subject_token", now)
         trail.fields["spiffe_id"] = str(subject.spiffe_id)
         actor = self._verify_actor(request, now)
         if actor is not None:
@@ -223,7 +225,7 @@ class TokenExchange:
 
         entry = self.catalog.resolve(request.audiences, request.resources)
         trail.fields.update(target=entry.id, token_class=entry.token_class.value)
-        scopes = self.catalog.check_scopes(entry, request.scopes)
+        scopes = self.catalog.check_scopes(entry, _parse_scope(request.scope))
         trail.fields["scopes"] = sorted(scopes)
 
         if request.task_id is not None:
@@ -258,6 +260,7 @@ class TokenExchange:
             scopes,
             subject,
             actor,
+            requested_token_type=request.requested_token_type,
             client_id=client_id,
             policy_ttl=decision.ttl_seconds,
             trail=trail,
@@ -271,6 +274,7 @@ class TokenExchange:
         subject: VerifiedJwtSvid,
         actor: VerifiedJwtSvid | None,
         *,
+        requested_token_type: str,
         client_id: str,
         policy_ttl: int | None,
         trail: _Trail,
@@ -279,7 +283,9 @@ class TokenExchange:
         """Build the RFC 9068 claims and sign them; ``exp`` never outlives the subject SVID (DESIGN.md)."""
         issued_at = int(now)
         lifetimes = [entry.max_ttl, self.max_ttl] + ([policy_ttl] if policy_ttl is not None else [])
-        expires_at = min(issued_at + min(lifetimes), subject.expiry)
+        # A delegated token lives no longer than either party's SVID.
+        svid_expiry = min(subject.expiry, actor.expiry) if actor else subject.expiry
+        expires_at = min(issued_at + min(lifetimes), svid_expiry)
         if expires_at - issued_at < MIN_LIFETIME_SECONDS:
             raise InvalidRequest("subject_token: expires too soon to issue a token from it")
         jti = secrets.token_urlsafe(16)
@@ -297,10 +303,18 @@ class TokenExchange:
             "token_class": entry.token_class.value,
         }
         if actor is not None:
-            claims["act"] = _act_claim(actor)
+            # RFC 8693 §4.1. Only the verified actor: an ``act`` chain the actor asserts about itself is not
+            # evidence of earlier delegation, so it is never copied into our tokens.
+            claims["act"] = {"sub": str(actor.spiffe_id)}
         token = self.keys.sign(entry.token_class, claims)
         trail.fields.update(jti=jti, exp=expires_at, kid=self.keys.active(entry.token_class).kid)
-        return IssuedToken(access_token=token, expires_in=expires_at - issued_at, scope=scope, jti=jti)
+        return IssuedToken(
+            access_token=token,
+            expires_in=expires_at - issued_at,
+            scope=scope,
+            issued_token_type=requested_token_type,
+            jti=jti,
+        )
 
     def _authenticate_client(self, request: ExchangeRequest, now: float) -> ClientIdentity | None:
         """``jwt-spiffe`` client assertion: a JWT-SVID whose only audience is this issuer."""
@@ -316,6 +330,9 @@ class TokenExchange:
             raise InvalidClient(f"client_assertion: {e.description}") from e
         if svid.audience != (self.issuer,):
             raise InvalidClient("client_assertion: audience must be this issuer only")
+        if request.client_assertion in (request.subject_token, request.actor_token):
+            # Replaying the subject's own bearer SVID proves nothing more than holding it.
+            raise InvalidClient("client_assertion must be a JWT-SVID of its own, not the subject or actor")
         return ClientIdentity(svid.spiffe_id, "spiffe_jwt")
 
     def _check_client_binding(
@@ -352,20 +369,18 @@ class TokenExchange:
             raise InvalidRequest("actor_token and actor_token_type go together (RFC 8693 §2.1)")
         if request.actor_token_type != TOKEN_TYPE_JWT:
             raise InvalidRequest(f"actor_token_type must be {TOKEN_TYPE_JWT} (a JWT-SVID)")
-        return self._verify(self.verifier, request.actor_token, "actor_token", now)
+        return self._verify(request.actor_token, "actor_token", now)
 
-    @staticmethod
-    def _verify(verifier: JwtSvidVerifier, token: str, parameter: str, now: float) -> VerifiedJwtSvid:
+    def _verify(self, token: str, parameter: str, now: float) -> VerifiedJwtSvid:
         try:
-            return verifier.verify(token, now=now)
+            return self.verifier.verify(token, now=now)
         except InvalidToken as e:
             raise e.for_parameter(parameter) from e
 
 
-def _act_claim(actor: VerifiedJwtSvid) -> dict[str, Any]:
-    """RFC 8693 §4.1: the acting party, with any ``act`` it carried nested inside."""
-    claim: dict[str, Any] = {"sub": str(actor.spiffe_id)}
-    nested = actor.claims.get("act")
-    if isinstance(nested, dict):
-        claim["act"] = nested
-    return claim
+def _parse_scope(scope: str) -> frozenset[str]:
+    """RFC 6749 §3.3: space-delimited scope tokens."""
+    scopes = frozenset(scope.split(" ")) - {""}
+    if not all(is_scope_token(s) for s in scopes):
+        raise InvalidScope("scope holds characters RFC 6749 §3.3 does not allow")
+    return scopes

@@ -16,6 +16,7 @@ Imports ``sts.catalog`` (for TokenClass) and ``sts.config`` (for KeySettings) on
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -81,13 +82,16 @@ class KeyRing:
                 raise ConfigError(f"keys: no signing key for token class '{token_class}'")
         self._keys = {c: sorted(keys[c], key=lambda k: k.created_at) for c in TokenClass}
         self._active = {c: self._keys[c][-1] for c in TokenClass}
-        self._jwks = {"keys": [k.public_jwk() for c in TokenClass for k in reversed(self._keys[c])]}
+        self._jwks = {c: {"keys": [k.public_jwk() for k in reversed(self._keys[c])]} for c in TokenClass}
+        self._all_jwks = {"keys": [jwk for c in TokenClass for jwk in self._jwks[c]["keys"]]}
         self._by_kid = {k.kid: k for c in TokenClass for k in self._keys[c]}
 
     @classmethod
     def load_or_create(cls, settings: KeySettings, *, now: float | None = None) -> KeyRing:
         """Load the key directory, creating or rotating keys as needed (under a lock: workers share it)."""
         current = int(time.time() if now is None else now)
+        if not _writable(settings.dir):
+            return cls._load_read_only(settings, current)
         keys: dict[TokenClass, list[SigningKey]] = {}
         with _locked(settings.dir):
             for token_class in TokenClass:
@@ -116,6 +120,22 @@ class KeyRing:
                 )
         return ring
 
+    @classmethod
+    def _load_read_only(cls, settings: KeySettings, now: int) -> KeyRing:
+        """Provisioned keys (e.g. a mounted Secret): load what is there; never create, never lock."""
+        keys: dict[TokenClass, list[SigningKey]] = {}
+        for token_class in TokenClass:
+            paths = sorted((settings.dir / token_class.value).glob("*.pem"))
+            if not paths:
+                raise ConfigError(f"keys.dir: {settings.dir} is read-only and holds no {token_class} key")
+            keys[token_class] = _retire(
+                [_read_key(p, token_class) for p in paths], now, settings.rotate_after
+            )
+            newest = max(k.created_at for k in keys[token_class])
+            if now - newest >= settings.rotate_after:
+                log.warning("the %s signing key is older than rotate_after; provision a new one", token_class)
+        return cls(keys)
+
     def active(self, token_class: TokenClass) -> SigningKey:
         return self._active[token_class]
 
@@ -129,9 +149,9 @@ class KeyRing:
             headers={"typ": ACCESS_TOKEN_TYPE, "kid": key.kid},
         )
 
-    def jwks(self) -> Mapping[str, Any]:
-        """Every published public key of every class; ``kid`` names the class, ``use`` is ``sig``."""
-        return self._jwks
+    def jwks(self, token_class: TokenClass | None = None) -> Mapping[str, Any]:
+        """The public keys of one class, or of all classes; ``kid`` names the class, ``use`` is ``sig``."""
+        return self._all_jwks if token_class is None else self._jwks[token_class]
 
     def public_keys(self, token_class: TokenClass) -> dict[str, ec.EllipticCurvePublicKey]:
         return {k.kid: k.public_key for k in self._keys[token_class]}
@@ -161,6 +181,18 @@ def _retire(keys: list[SigningKey], now: int, rotate_after: int) -> list[Signing
         if now - newer.created_at < rotate_after:
             kept.append(older)
     return sorted(kept, key=lambda k: k.created_at)
+
+
+def _writable(directory: Path) -> bool:
+    """Whether we may create the lock file; a read-only mount (a Kubernetes Secret) is not an error."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(directory / ".lock", os.O_CREAT | os.O_RDWR, 0o600))
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return False
+        raise
+    return True
 
 
 @contextmanager

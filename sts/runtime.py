@@ -17,6 +17,7 @@ from sts.keys import KeyRing
 from sts.policy import CedarPolicy
 from sts.svid import JwtSvidVerifier
 from sts.trust import BundleError, BundleSource, FileBundleSource, TrustStore
+from sts.workload_api import WorkloadApiBundleSource, WorkloadApiWatcher
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +32,38 @@ class Services:
     policy: CedarPolicy
     audit: AuditLog
     exchange: TokenExchange
+    watcher: WorkloadApiWatcher | None = None
 
     def readiness(self) -> list[str]:
         """What stops this process from serving correctly right now (empty: ready)."""
-        problems = list(self.trust.readiness())
-        for trust_domain in self.trust.trust_domains:
+        problems = self.trust.readiness()
+        for trust_domain in sorted(self.trust.trust_domains, key=str):
             try:
                 bundle = self.trust.bundle_for(trust_domain)
-            except TemporarilyUnavailable as e:
-                problems.append(f"trust domain {trust_domain}: {e.description}")
-                continue
+            except TemporarilyUnavailable:
+                continue  # the trust store reported it
             if bundle is None or not bundle.jwt_authorities:
                 problems.append(f"trust domain {trust_domain}: no JWT authorities")
-        return sorted(set(problems))
+        return problems
+
+    def close(self) -> None:
+        """Stop background streams and close the audit log (tests, and the parent of the workers)."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.audit.close()
 
 
-def build_trust_store(settings: Settings) -> TrustStore:
+def build_trust_store(settings: Settings, *, connect: bool) -> tuple[TrustStore, WorkloadApiWatcher | None]:
+    """One source per configured trust domain; Workload API domains share one watcher.
+
+    ``connect=False`` checks the configuration without opening the Workload API streams: the parent
+    of forked workers must not hold gRPC threads.
+    """
+    watcher = None
+    if any(entry.workload_api for entry in settings.trust_domains) and settings.workload_api.socket:
+        watcher = WorkloadApiWatcher(
+            settings.workload_api.socket, max_staleness=settings.workload_api.max_staleness
+        )
     sources: list[BundleSource] = []
     for entry in settings.trust_domains:
         if entry.bundle_file is not None:
@@ -54,17 +71,23 @@ def build_trust_store(settings: Settings) -> TrustStore:
                 sources.append(FileBundleSource(entry.trust_domain, entry.bundle_file))
             except (BundleError, OSError) as e:
                 raise ConfigError(f"trust_domains.{entry.trust_domain}.bundle_file: {e}") from e
+        elif entry.workload_api and watcher is not None:
+            sources.append(WorkloadApiBundleSource(entry.trust_domain, watcher))
         else:
             raise ConfigError(
-                f"trust_domains.{entry.trust_domain}: Workload API and bundle endpoint sources are not "
-                "available in this version; use bundle_file"
+                f"trust_domains.{entry.trust_domain}: bundle endpoints are not available in this version; "
+                "use bundle_file or bundle: workload-api"
             )
-    return TrustStore(sources)
+    if watcher is not None and connect:
+        watcher.start()
+        if not watcher.wait_first_update(settings.workload_api.start_timeout):
+            log.warning("no trust bundles from the Workload API yet; not ready until they arrive")
+    return TrustStore(sources), watcher
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, *, connect: bool = True) -> Services:
     """Wire every part; raises ConfigError naming what is wrong."""
-    trust = build_trust_store(settings)
+    trust, watcher = build_trust_store(settings, connect=connect)
     try:
         keys = KeyRing.load_or_create(settings.keys)
     except OSError as e:
@@ -89,4 +112,4 @@ def build_services(settings: Settings) -> Services:
         audit=audit,
         max_ttl=settings.tokens.max_ttl,
     )
-    return Services(settings, trust, keys, policy, audit, exchange)
+    return Services(settings, trust, keys, policy, audit, exchange, watcher)

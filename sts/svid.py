@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -85,6 +86,10 @@ ALGORITHMS: Mapping[str, _Algorithm] = MappingProxyType(
 )
 
 _TYPES = ("JWT", "JOSE")
+# One public answer for every reason the signature cannot be checked (untrusted domain, unknown kid,
+# key/alg mismatch, bad signature), so a caller cannot map our federation or bundles; the rule and
+# its detail go to the log and audit only.
+UNVERIFIABLE = "token signature could not be verified with a trusted key"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_DETAIL = 64
 
@@ -163,10 +168,10 @@ class JwtSvidVerifier:
         spiffe_id = _subject(claims)
         key = self._signing_key(spiffe_id, kid)
         if not _key_fits(key, algorithm):
-            raise InvalidToken("key_mismatch", "signing key does not fit the token's algorithm")
+            raise InvalidToken("key_mismatch", UNVERIFIABLE, detail=f"key type does not fit alg {alg}")
         # RFC 7515 §5.2: the signature over the exact bytes received.
         if not algorithm.verifier.verify(jws.signing_input, key, jws.signature):
-            raise InvalidToken("signature", "token signature is invalid")
+            raise InvalidToken("signature", UNVERIFIABLE, detail="signature does not verify")
 
         audience = self._check_audience(claims)
         expiry = self._check_times(claims, when)
@@ -187,14 +192,14 @@ class JwtSvidVerifier:
         if bundle is None:
             raise InvalidToken(
                 "trust_domain",
-                "the subject's trust domain is not trusted by this server",
+                UNVERIFIABLE,
                 detail=f"no bundle for trust domain {trust_domain}",
             )
         key = bundle.jwt_authorities.get(kid)
         if key is None:
             raise InvalidToken(
                 "kid_unknown",
-                "signing key not found in the trust bundle of the subject's trust domain",
+                UNVERIFIABLE,
                 detail=f"kid {kid[:_MAX_DETAIL]!r} is not in the bundle of {trust_domain}",
             )
         return key
@@ -305,4 +310,4 @@ def _key_fits(key: JwtAuthority, algorithm: _Algorithm) -> bool:
 
 def _is_number(value: Any) -> bool:
     """A JSON number (RFC 7519 NumericDate); ``true``/``false`` are not numbers even though Python says so."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -49,5 +49,9 @@ def test_two_writers_keep_separate_chains(tmp_path: Path) -> None:
     assert verify_chain(path.read_text().splitlines()) == []
 
 
-def test_garbage_line_reported(tmp_path: Path) -> None:
-    assert verify_chain(["not json"]) == ["line 1: not an audit record"]
+def test_garbage_lines_reported(tmp_path: Path) -> None:
+    assert verify_chain(["not json", '"a string"', "[1]"]) == [
+        "line 1: not an audit record",
+        "line 2: not an audit record",
+        "line 3: not an audit record",
+    ]

@@ -21,7 +21,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_loads() -> None:
     settings = load_settings(EXAMPLE, environ={})
-    assert settings.issuer == "http://127.0.0.1:8443"
+    assert settings.issuer == "https://sts.example.org"
+    assert settings.workload_api.socket == "unix:///tmp/spire-agent/public/api.sock"
+    assert all(t.workload_api for t in settings.trust_domains)
     web = settings.catalog.get("tool:web-search")
     crm = settings.catalog.get("data:crm")
     assert (
@@ -80,6 +82,13 @@ def test_defaults_trust_nothing(tmp_path: Path) -> None:
         ("- just\n- a list\n", "top level must be a mapping"),
         ("listen: [1, 2\n", "not valid YAML"),
         ("log_level: loud\n", "'log_level' must be one of"),
+        ("trust_domains:\n  example.org: {bundle: workload-api}\n", "'workload_api.socket' is needed"),
+        ("workload_api: {socket: /tmp/agent.sock}\n", "'workload_api.socket' must be unix:///"),
+        ("listen: {tls: {cert: c.pem, key: k.pem}}\n", "'listen.tls' is not supported by this version"),
+        (
+            "trust_domains:\n  example.org: {bundle_file: a.json}\n  spiffe://example.org: {bundle_file: b.json}\n",
+            "names trust domain example.org a second time",
+        ),
     ],
     ids=[
         "unknown-top-key",
@@ -107,6 +116,10 @@ def test_defaults_trust_nothing(tmp_path: Path) -> None:
         "not-mapping",
         "bad-yaml",
         "bad-log-level",
+        "workload-api-without-socket",
+        "socket-not-unix-uri",
+        "tls-refused-not-ignored",
+        "same-trust-domain-twice",
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -154,3 +167,13 @@ def test_parse_duration(value: object, seconds: int | None) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "absent.yaml", environ={})
+
+
+def test_bad_environment_override_is_blamed_on_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="environment STS_ISSUER: 'issuer' must use https"):
+        load_settings(write(tmp_path, "{}\n"), environ={"STS_ISSUER": "http://sts.example.org"})
+
+
+def test_settings_not_enforced_yet_are_announced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    load_settings(write(tmp_path, "limits: {per_workload_per_second: 1}\n"), environ={})
+    assert "'limits' is accepted but NOT enforced" in caplog.text

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -97,3 +100,37 @@ def test_refuses_garbage_key(tmp_path: Path) -> None:
     bad.chmod(0o600)
     with pytest.raises(ConfigError, match="not an unencrypted PKCS#8"):
         KeyRing.load_or_create(KeySettings(dir=tmp_path), now=NOW)
+
+
+def read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only mount cannot be made without privileges here, so its one symptom is produced: EROFS."""
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, *args: Any) -> int:
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+
+
+def test_read_only_directory_of_provisioned_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mounted Secret: keys load without a lock file, and nothing is generated there."""
+    settings = KeySettings(dir=tmp_path / "keys", rotate_after=3600)
+    kids = create_provisioned_keys(settings, now=NOW)
+    read_only(monkeypatch)
+    ring = KeyRing.load_or_create(settings, now=NOW + 7200)  # rotation is due but cannot happen
+    assert {ring.active(TokenClass.TOOL).kid, ring.active(TokenClass.DATA).kid} == set(kids)
+
+
+def test_read_only_directory_without_keys_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "keys").mkdir()
+    read_only(monkeypatch)
+    with pytest.raises(ConfigError, match="read-only and holds no tool key"):
+        KeyRing.load_or_create(KeySettings(dir=tmp_path / "keys"), now=NOW)
+
+
+def test_per_class_jwks(tmp_path: Path) -> None:
+    ring = KeyRing.load_or_create(KeySettings(dir=tmp_path), now=NOW)
+    assert [k["kid"] for k in ring.jwks(TokenClass.DATA)["keys"]] == [ring.active(TokenClass.DATA).kid]
+    assert len(ring.jwks()["keys"]) == 2

@@ -22,7 +22,11 @@ AGENT = "spiffe://example.org/agent/researcher"
 
 
 def form(subject_token: str, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"grant_type": GRANT, "subject_token": subject_token, "subject_token_type": JWT_TYPE}
+    body: dict[str, Any] = {
+        "grant_type": GRANT,
+        "subject_token": subject_token,
+        "subject_token_type": JWT_TYPE,
+    }
     body.update(extra)
     return body
 
@@ -40,7 +44,11 @@ def verify_issued(server: RunningServer, token: str, audience: str) -> dict[str,
     header = jwt.get_unverified_header(token)
     key = next(k for k in jwks(server).keys if k.key_id == header["kid"])
     claims: dict[str, Any] = jwt.decode(
-        token, key.key, algorithms=["ES256"], audience=audience, issuer=server.issuer,
+        token,
+        key.key,
+        algorithms=["ES256"],
+        audience=audience,
+        issuer=server.issuer,
         options={"require": ["exp", "iat", "nbf", "jti", "sub", "aud", "iss"]},
     )
     return {"header": header, **claims}
@@ -82,7 +90,9 @@ def test_tool_and_data_key_sets_are_disjoint(server: RunningServer, example_org:
     data = {k["kid"] for k in keys if k["kid"].startswith("data-")}
     assert tool and data and not tool & data and len(keys) == len(tool) + len(data)
     assert all(k["use"] == "sig" and k["alg"] == "ES256" and "d" not in k for k in keys)
-    tool_token = post(server, form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke"))
+    tool_token = post(
+        server, form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke")
+    )
     kid = jwt.get_unverified_header(tool_token.json()["access_token"])["kid"]
     assert kid in tool and kid not in data
 
@@ -97,9 +107,14 @@ def test_a_tool_token_fails_a_data_verifier(server: RunningServer, example_org: 
 
 
 def test_target_by_resource_uri(server: RunningServer, example_org: TestAuthority) -> None:
-    response = post(server, form(example_org.mint(AGENT, server.issuer), resource="https://search.internal/", scope="invoke"))
+    response = post(
+        server,
+        form(example_org.mint(AGENT, server.issuer), resource="https://search.internal/", scope="invoke"),
+    )
     assert response.status_code == 200, response.text
-    assert verify_issued(server, response.json()["access_token"], "tool:web-search")["aud"] == "tool:web-search"
+    assert (
+        verify_issued(server, response.json()["access_token"], "tool:web-search")["aud"] == "tool:web-search"
+    )
 
 
 def test_lifetime_never_outlives_the_subject_svid(server: RunningServer, example_org: TestAuthority) -> None:
@@ -111,7 +126,9 @@ def test_lifetime_never_outlives_the_subject_svid(server: RunningServer, example
     assert response.json()["expires_in"] <= 20
 
 
-def test_federated_partner_allowed_only_what_policy_says(server: RunningServer, partner_test: TestAuthority) -> None:
+def test_federated_partner_allowed_only_what_policy_says(
+    server: RunningServer, partner_test: TestAuthority
+) -> None:
     svid = partner_test.mint("spiffe://partner.test/agent/summarizer", server.issuer)
     assert post(server, form(svid, audience="tool:web-search", scope="invoke")).status_code == 200
     refused = post(server, form(svid, audience="tool:calc", scope="invoke"))
@@ -122,7 +139,8 @@ def test_delegation_carries_act(server: RunningServer, example_org: TestAuthorit
     subject = example_org.mint(AGENT, server.issuer)
     actor = example_org.mint("spiffe://example.org/orchestrator", server.issuer)
     response = post(
-        server, form(subject, audience="tool:calc", scope="invoke", actor_token=actor, actor_token_type=JWT_TYPE)
+        server,
+        form(subject, audience="tool:calc", scope="invoke", actor_token=actor, actor_token_type=JWT_TYPE),
     )
     assert response.status_code == 200, response.text
     claims = verify_issued(server, response.json()["access_token"], "tool:calc")
@@ -135,8 +153,14 @@ def test_client_assertion_authenticates_the_client(server: RunningServer, exampl
     assertion = example_org.mint(AGENT, server.issuer)
     response = post(
         server,
-        form(subject, audience="tool:calc", scope="invoke", client_assertion_type=JWT_SPIFFE,
-             client_assertion=assertion, client_id=AGENT),
+        form(
+            subject,
+            audience="tool:calc",
+            scope="invoke",
+            client_assertion_type=JWT_SPIFFE,
+            client_assertion=assertion,
+            client_id=AGENT,
+        ),
     )
     assert response.status_code == 200, response.text
     assert verify_issued(server, response.json()["access_token"], "tool:calc")["client_id"] == AGENT
@@ -156,37 +180,243 @@ def refusals(example: TestAuthority, issuer: str) -> list[tuple[str, Any, int, s
     return [
         ("unsupported-grant", {"grant_type": "client_credentials"}, 400, "unsupported_grant_type", ""),
         ("missing-grant", {"subject_token": good}, 400, "invalid_request", "grant_type"),
-        ("missing-subject-token", {"grant_type": GRANT, "subject_token_type": JWT_TYPE}, 400, "invalid_request", "subject_token"),
-        ("missing-subject-type", {"grant_type": GRANT, "subject_token": good, "audience": "tool:calc"}, 400, "invalid_request", "subject_token_type"),
-        ("wrong-subject-type", form(good, subject_token_type=ACCESS_TOKEN_TYPE, audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token_type"),
-        ("expired-svid", form(example.mint(AGENT, issuer, ttl=60, now=now() - 3600), audience="tool:calc", scope="invoke"), 400, "invalid_request", "expired"),
-        ("not-yet-valid", form(example.mint(AGENT, issuer, extra_claims={"nbf": now() + 3600}), audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("wrong-audience", form(example.mint(AGENT, "https://other.example"), audience="tool:calc", scope="invoke"), 400, "invalid_request", "audience"),
-        ("untrusted-domain", form(stranger.mint("spiffe://stranger.test/agent", issuer), audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("alg-none", form(forge({"alg": "none", "typ": "JWT", "kid": example.kid}, claims), audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("hmac-with-public-key", form(hmac_token({"alg": "HS256", "kid": example.kid, "typ": "JWT"}, claims, public_pem), audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("unknown-kid", form(example.mint(AGENT, issuer, header={"kid": "nope"}), audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("bad-signature", form(forge(header, claims, b"\x00" * 64), audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("malformed-token", form("not.a.jwt", audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("oversized-token", form("a" * 20000, audience="tool:calc", scope="invoke"), 400, "invalid_request", "subject_token"),
-        ("unknown-audience", form(good, audience="tool:nope", scope="invoke"), 400, "invalid_target", "not a known target"),
-        ("unknown-resource", form(good, resource="https://nope.internal/", scope="invoke"), 400, "invalid_target", "not a known target"),
-        ("two-audiences", form(good, audience=["tool:calc", "tool:web-search"], scope="invoke"), 400, "invalid_target", "exactly one target"),
-        ("audience-and-resource", form(good, audience="tool:calc", resource="https://search.internal/", scope="invoke"), 400, "invalid_target", "exactly one target"),
+        (
+            "missing-subject-token",
+            {"grant_type": GRANT, "subject_token_type": JWT_TYPE},
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "missing-subject-type",
+            {"grant_type": GRANT, "subject_token": good, "audience": "tool:calc"},
+            400,
+            "invalid_request",
+            "subject_token_type",
+        ),
+        (
+            "wrong-subject-type",
+            form(good, subject_token_type=ACCESS_TOKEN_TYPE, audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "subject_token_type",
+        ),
+        (
+            "expired-svid",
+            form(example.mint(AGENT, issuer, ttl=60, now=now() - 3600), audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "expired",
+        ),
+        (
+            "not-yet-valid",
+            form(
+                example.mint(AGENT, issuer, extra_claims={"nbf": now() + 3600}),
+                audience="tool:calc",
+                scope="invoke",
+            ),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "wrong-audience",
+            form(example.mint(AGENT, "https://other.example"), audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "audience",
+        ),
+        (
+            "untrusted-domain",
+            form(stranger.mint("spiffe://stranger.test/agent", issuer), audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "alg-none",
+            form(
+                forge({"alg": "none", "typ": "JWT", "kid": example.kid}, claims),
+                audience="tool:calc",
+                scope="invoke",
+            ),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "hmac-with-public-key",
+            form(
+                hmac_token({"alg": "HS256", "kid": example.kid, "typ": "JWT"}, claims, public_pem),
+                audience="tool:calc",
+                scope="invoke",
+            ),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "unknown-kid",
+            form(example.mint(AGENT, issuer, header={"kid": "nope"}), audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "bad-signature",
+            form(forge(header, claims, b"\x00" * 64), audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "malformed-token",
+            form("not.a.jwt", audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "oversized-token",
+            form("a" * 20000, audience="tool:calc", scope="invoke"),
+            400,
+            "invalid_request",
+            "subject_token",
+        ),
+        (
+            "unknown-audience",
+            form(good, audience="tool:nope", scope="invoke"),
+            400,
+            "invalid_target",
+            "not a known target",
+        ),
+        (
+            "unknown-resource",
+            form(good, resource="https://nope.internal/", scope="invoke"),
+            400,
+            "invalid_target",
+            "not a known target",
+        ),
+        (
+            "two-audiences",
+            form(good, audience=["tool:calc", "tool:web-search"], scope="invoke"),
+            400,
+            "invalid_target",
+            "exactly one target",
+        ),
+        (
+            "audience-and-resource",
+            form(good, audience="tool:calc", resource="https://search.internal/", scope="invoke"),
+            400,
+            "invalid_target",
+            "exactly one target",
+        ),
         ("no-target", form(good, scope="invoke"), 400, "invalid_request", "audience"),
-        ("scope-not-offered", form(good, audience="tool:calc", scope="invoke admin"), 400, "invalid_scope", "admin"),
+        (
+            "scope-not-offered",
+            form(good, audience="tool:calc", scope="invoke admin"),
+            400,
+            "invalid_scope",
+            "admin",
+        ),
         ("scope-missing", form(good, audience="tool:calc"), 400, "invalid_scope", "required"),
-        ("policy-denies-write", form(good, audience="data:crm", scope="write"), 400, "invalid_target", "policy"),
-        ("policy-forbids-restricted", form(good, audience="data:vault", scope="read"), 400, "invalid_target", "policy"),
-        ("default-deny-other-path", form(example.mint("spiffe://example.org/batch/job", issuer), audience="tool:calc", scope="invoke"), 400, "invalid_target", "policy"),
-        ("unknown-task", form(good, audience="tool:calc", scope="invoke", task_id="t-1"), 400, "invalid_request", "task"),
-        ("bad-requested-type", form(good, audience="tool:calc", scope="invoke", requested_token_type="urn:x"), 400, "invalid_request", "requested_token_type"),
-        ("actor-without-type", form(good, audience="tool:calc", scope="invoke", actor_token=good), 400, "invalid_request", "actor_token"),
-        ("bad-actor", form(good, audience="tool:calc", scope="invoke", actor_token="x.y.z", actor_token_type=JWT_TYPE), 400, "invalid_request", "actor_token"),
-        ("client-id-mismatch", form(good, audience="tool:calc", scope="invoke", client_id="spiffe://example.org/other"), 401, "invalid_client", "client_id"),
-        ("client-assertion-bad", form(good, audience="tool:calc", scope="invoke", client_assertion_type=JWT_SPIFFE, client_assertion="x.y.z"), 401, "invalid_client", "client_assertion"),
-        ("client-assertion-extra-aud", form(good, audience="tool:calc", scope="invoke", client_assertion_type=JWT_SPIFFE, client_assertion=example.mint(AGENT, [issuer, "https://x"])), 401, "invalid_client", "audience"),
-        ("client-is-someone-else", form(good, audience="tool:calc", scope="invoke", client_assertion_type=JWT_SPIFFE, client_assertion=example.mint("spiffe://example.org/other", issuer)), 401, "invalid_client", "neither"),
+        (
+            "policy-denies-write",
+            form(good, audience="data:crm", scope="write"),
+            400,
+            "invalid_target",
+            "policy",
+        ),
+        (
+            "policy-forbids-restricted",
+            form(good, audience="data:vault", scope="read"),
+            400,
+            "invalid_target",
+            "policy",
+        ),
+        (
+            "default-deny-other-path",
+            form(
+                example.mint("spiffe://example.org/batch/job", issuer), audience="tool:calc", scope="invoke"
+            ),
+            400,
+            "invalid_target",
+            "policy",
+        ),
+        (
+            "unknown-task",
+            form(good, audience="tool:calc", scope="invoke", task_id="t-1"),
+            400,
+            "invalid_request",
+            "task",
+        ),
+        (
+            "bad-requested-type",
+            form(good, audience="tool:calc", scope="invoke", requested_token_type="urn:x"),
+            400,
+            "invalid_request",
+            "requested_token_type",
+        ),
+        (
+            "actor-without-type",
+            form(good, audience="tool:calc", scope="invoke", actor_token=good),
+            400,
+            "invalid_request",
+            "actor_token",
+        ),
+        (
+            "bad-actor",
+            form(good, audience="tool:calc", scope="invoke", actor_token="x.y.z", actor_token_type=JWT_TYPE),
+            400,
+            "invalid_request",
+            "actor_token",
+        ),
+        (
+            "client-id-mismatch",
+            form(good, audience="tool:calc", scope="invoke", client_id="spiffe://example.org/other"),
+            401,
+            "invalid_client",
+            "client_id",
+        ),
+        (
+            "client-assertion-bad",
+            form(
+                good,
+                audience="tool:calc",
+                scope="invoke",
+                client_assertion_type=JWT_SPIFFE,
+                client_assertion="x.y.z",
+            ),
+            401,
+            "invalid_client",
+            "client_assertion",
+        ),
+        (
+            "client-assertion-extra-aud",
+            form(
+                good,
+                audience="tool:calc",
+                scope="invoke",
+                client_assertion_type=JWT_SPIFFE,
+                client_assertion=example.mint(AGENT, [issuer, "https://x"]),
+            ),
+            401,
+            "invalid_client",
+            "audience",
+        ),
+        (
+            "client-is-someone-else",
+            form(
+                good,
+                audience="tool:calc",
+                scope="invoke",
+                client_assertion_type=JWT_SPIFFE,
+                client_assertion=example.mint("spiffe://example.org/other", issuer),
+            ),
+            401,
+            "invalid_client",
+            "neither",
+        ),
     ]
 
 
@@ -208,7 +438,9 @@ def test_refusals(server: RunningServer, example_org: TestAuthority, index: int)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
-def test_issued_token_replayed_as_subject_is_refused(server: RunningServer, example_org: TestAuthority) -> None:
+def test_issued_token_replayed_as_subject_is_refused(
+    server: RunningServer, example_org: TestAuthority
+) -> None:
     issued = post(server, form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke"))
     replay = post(server, form(issued.json()["access_token"], audience="data:crm", scope="read"))
     assert (replay.status_code, replay.json()["error"]) == (400, "invalid_request")
@@ -216,8 +448,14 @@ def test_issued_token_replayed_as_subject_is_refused(server: RunningServer, exam
 
 def test_duplicated_parameter_refused(server: RunningServer, example_org: TestAuthority) -> None:
     svid = example_org.mint(AGENT, server.issuer)
-    body = [("grant_type", GRANT), ("subject_token", svid), ("subject_token", svid),
-            ("subject_token_type", JWT_TYPE), ("audience", "tool:calc"), ("scope", "invoke")]
+    body = [
+        ("grant_type", GRANT),
+        ("subject_token", svid),
+        ("subject_token", svid),
+        ("subject_token_type", JWT_TYPE),
+        ("audience", "tool:calc"),
+        ("scope", "invoke"),
+    ]
     response = post(server, body)
     assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
     assert "repeated" in response.json()["error_description"]
@@ -236,7 +474,9 @@ def test_parameters_in_query_refused(server: RunningServer, example_org: TestAut
 
 
 def test_oversized_body_is_413(server: RunningServer, example_org: TestAuthority) -> None:
-    body = form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke", padding="x" * 70_000)
+    body = form(
+        example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke", padding="x" * 70_000
+    )
     response = post(server, body)
     assert response.status_code == 413
     assert response.json()["error"] == "invalid_request"
@@ -264,16 +504,24 @@ def test_health_and_readiness(server: RunningServer) -> None:
 
 
 def test_every_decision_is_audited(server: RunningServer, example_org: TestAuthority) -> None:
-    allowed = post(server, form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke"),
-                   headers={"X-Request-Id": "audit-allow-1"})
-    denied = post(server, form(example_org.mint(AGENT, server.issuer), audience="data:crm", scope="write"),
-                  headers={"X-Request-Id": "audit-deny-1"})
+    allowed = post(
+        server,
+        form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke"),
+        headers={"X-Request-Id": "audit-allow-1"},
+    )
+    denied = post(
+        server,
+        form(example_org.mint(AGENT, server.issuer), audience="data:crm", scope="write"),
+        headers={"X-Request-Id": "audit-deny-1"},
+    )
     assert allowed.headers["X-Request-Id"] == "audit-allow-1"
     assert denied.status_code == 400
     records = {r["request_id"]: r for r in map(json.loads, server.audit_lines())}
     allow, deny = records["audit-allow-1"], records["audit-deny-1"]
     assert allow["decision"] == "allow" and allow["spiffe_id"] == AGENT and allow["target"] == "tool:calc"
-    assert allow["jti"] == jwt.decode(allowed.json()["access_token"], options={"verify_signature": False})["jti"]
+    assert (
+        allow["jti"] == jwt.decode(allowed.json()["access_token"], options={"verify_signature": False})["jti"]
+    )
     assert allow["policy_ids"] == ["agents-invoke-tools"]
     assert deny["decision"] == "deny" and deny["error"] == "invalid_target" and deny["scopes"] == ["write"]
     assert "jti" not in deny
@@ -289,3 +537,30 @@ def test_refusals_before_the_grant_are_audited_too(server: RunningServer, exampl
     assert records["pre-json"]["error"] == "invalid_request"
     assert "larger than" in records["pre-large"]["error_description"]
     assert "repeated" in records["pre-repeat"]["error_description"]
+
+
+def test_chunked_body_over_the_limit_is_refused_not_truncated(
+    server: RunningServer, example_org: TestAuthority
+) -> None:
+    """Parameters past the limit must not vanish: a chunked oversized body is a 413, never a token."""
+    good = "&".join(
+        f"{k}={v}"
+        for k, v in form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke").items()
+    )
+    chunks = iter([good.encode(), b"&x=" + b"a" * 70_000, b"&audience=data:crm"])
+    response = requests.post(
+        f"{server.url}/token",
+        data=chunks,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert response.status_code == 413
+    assert "access_token" not in response.json()
+
+
+def test_per_class_jwks_endpoints(server: RunningServer) -> None:
+    tool = requests.get(f"{server.url}/jwks/tool.json", timeout=5).json()["keys"]
+    data = requests.get(f"{server.url}/jwks/data.json", timeout=5).json()["keys"]
+    assert tool and all(k["kid"].startswith("tool-") for k in tool)
+    assert data and all(k["kid"].startswith("data-") for k in data)
+    assert requests.get(f"{server.url}/jwks/admin.json", timeout=5).status_code == 404

@@ -17,7 +17,7 @@ from sts.web.ops import ops
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def create_app(services: Services) -> Flask:
@@ -32,7 +32,7 @@ def create_app(services: Services) -> Flask:
     @app.before_request
     def assign_request_id() -> None:
         supplied = request.headers.get("X-Request-Id", "")
-        g.request_id = supplied if _REQUEST_ID.match(supplied) else secrets.token_hex(8)
+        g.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
 
     @app.after_request
     def common_headers(response: Response) -> Response:

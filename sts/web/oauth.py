@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl
 
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import NotFound, RequestEntityTooLarge
+
+from sts.catalog import TokenClass
 from sts.errors import InvalidRequest, RequestTooLarge, StsError
 from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE, ExchangeRequest
 from sts.runtime import Services
+from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
 
 oauth = Blueprint("oauth", __name__)
 
@@ -42,11 +48,23 @@ def _parse_token_request() -> ExchangeRequest:
         raise InvalidRequest(f"the token request must be sent as {FORM_CONTENT_TYPE}")
     if request.query_string:
         raise InvalidRequest("parameters must be sent in the request body, not the URL")
+    limit = services().settings.server.max_body_bytes
     try:
-        form = {name: request.form.getlist(name) for name in request.form}
-    except RequestEntityTooLarge as e:
-        limit = services().settings.server.max_body_bytes
-        raise RequestTooLarge(f"request body is larger than {limit} bytes") from e
+        # Read past the limit ourselves: with a chunked body Werkzeug's form parser stops at the limit
+        # silently, and the parameters after it would vanish instead of being refused.
+        body = request.stream.read(limit + 1)
+        overflow = len(body) > limit or request.stream.read(1) != b""
+    except RequestEntityTooLarge:
+        overflow = True
+    if overflow:
+        raise RequestTooLarge(f"request body is larger than {limit} bytes")
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as e:
+        raise InvalidRequest("the request body is not UTF-8") from e
+    form: dict[str, list[str]] = {}
+    for name, value in pairs:
+        form.setdefault(name, []).append(value)
     return ExchangeRequest.from_form(form)
 
 
@@ -61,20 +79,12 @@ def metadata() -> Response:
             "issuer": issuer,
             "token_endpoint": f"{issuer}/token",
             "jwks_uri": f"{issuer}/jwks.json",
+            "tool_jwks_uri": f"{issuer}/jwks/tool.json",
+            "data_jwks_uri": f"{issuer}/jwks/data.json",
             "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
             "response_types_supported": [],
             "token_endpoint_auth_methods_supported": ["none", "spiffe_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": [
-                "RS256",
-                "RS384",
-                "RS512",
-                "ES256",
-                "ES384",
-                "ES512",
-                "PS256",
-                "PS384",
-                "PS512",
-            ],
+            "token_endpoint_auth_signing_alg_values_supported": sorted(JWT_SVID_ALGORITHMS),
             "client_assertion_types_supported": [CLIENT_ASSERTION_TYPE_JWT_SPIFFE],
             "scopes_supported": scopes,
             "access_token_signing_alg_values_supported": [settings.keys.algorithm],
@@ -87,6 +97,20 @@ def metadata() -> Response:
 @oauth.get("/jwks.json")
 def jwks() -> Response:
     """All public signing keys of every token class; each ``kid`` names its class."""
-    response = jsonify(services().keys.jwks())
+    return _jwks_response(services().keys.jwks())
+
+
+@oauth.get("/jwks/<token_class>.json")
+def class_jwks(token_class: str) -> Response:
+    """One class's keys only: a data service loading ``/jwks/data.json`` cannot accept a tool token."""
+    try:
+        wanted = TokenClass(token_class)
+    except ValueError:
+        raise NotFound(f"no key set for token class {token_class!r}") from None
+    return _jwks_response(services().keys.jwks(wanted))
+
+
+def _jwks_response(jwks: Mapping[str, Any]) -> Response:
+    response = jsonify(jwks)
     response.headers["Cache-Control"] = "public, max-age=60"
     return response

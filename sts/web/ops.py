@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
-from sts.runtime import Services
+from sts.web.oauth import services
 
 ops = Blueprint("ops", __name__)
 
@@ -18,8 +18,7 @@ def healthz() -> Response:
 @ops.get("/readyz")
 def readyz() -> Response:
     """Ready only when every trust domain has a bundle with JWT authorities (later: the store answers)."""
-    services: Services = current_app.extensions["sts"]
-    problems = services.readiness()
+    problems = services().readiness()
     response = jsonify(status="ready" if not problems else "not ready", problems=problems)
     response.status_code = 200 if not problems else 503
     return response

@@ -1,0 +1,125 @@
+"""``sts dev`` end to end: the development environment as a user runs it, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import requests
+from spiffe import WorkloadApiClient
+
+from tests.conftest import free_port
+
+DEMO_WORKLOADS = {"agent", "orchestrator", "tool", "data", "admin", "partner"}
+
+
+@dataclass(frozen=True)
+class DevEnvironment:
+    process: subprocess.Popen[bytes]
+    state_dir: Path
+    description: dict[str, Any]
+
+    def svid(self, workload: str) -> str:
+        socket = self.description["workloads"][workload]["socket"]
+        with WorkloadApiClient(socket_path=socket) as client:
+            return client.fetch_jwt_svid(audience={self.description["issuer"]}, timeout=5).token
+
+    def exchange(self, svid: str, audience: str, scope: str) -> requests.Response:
+        body = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "subject_token": svid,
+            "audience": audience,
+            "scope": scope,
+        }
+        return requests.post(self.description["token_endpoint"], data=body, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevEnvironment]:
+    state_dir = tmp_path_factory.mktemp("dev")
+    log = (state_dir / "dev.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sts.cli", "dev", "--state-dir", str(state_dir), "--port", str(free_port())],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (state_dir / "dev.json").exists():
+            assert process.poll() is None, (state_dir / "dev.log").read_text()
+            assert time.monotonic() < deadline, "sts dev did not write dev.json"
+            time.sleep(0.1)
+        description = json.loads((state_dir / "dev.json").read_text())
+        yield DevEnvironment(process, state_dir, description)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=20)
+        log.close()
+
+
+def test_dev_json_describes_the_environment(dev: DevEnvironment) -> None:
+    description = dev.description
+    assert description["token_endpoint"] == description["issuer"] + "/token"
+    assert description["trust_domain"] == "example.org"
+    assert set(description["workloads"]) == DEMO_WORKLOADS
+    assert description["workloads"]["agent"]["spiffe_id"] == "spiffe://example.org/agent/researcher"
+    assert description["workloads"]["partner"]["spiffe_id"].startswith("spiffe://partner.test/")
+    for workload in description["workloads"].values():
+        assert workload["socket"].startswith(f"unix://{dev.state_dir}/")
+
+
+def issued_claims(dev: DevEnvironment, response: requests.Response, audience: str) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    token = response.json()["access_token"]
+    jwks = jwt.PyJWKSet.from_dict(requests.get(dev.description["issuer"] + "/jwks.json", timeout=5).json())
+    key = next(k for k in jwks.keys if k.key_id == jwt.get_unverified_header(token)["kid"])
+    claims: dict[str, Any] = jwt.decode(
+        token, key.key, algorithms=["ES256"], audience=audience, issuer=dev.description["issuer"]
+    )
+    return claims
+
+
+def test_agent_exchanges_its_workload_api_svid(dev: DevEnvironment) -> None:
+    response = dev.exchange(dev.svid("agent"), "tool:web-search", "invoke")
+    claims = issued_claims(dev, response, "tool:web-search")
+    assert claims["sub"] == "spiffe://example.org/agent/researcher"
+    assert claims["token_class"] == "tool"
+
+
+def test_federated_partner_is_trusted(dev: DevEnvironment) -> None:
+    response = dev.exchange(dev.svid("partner"), "tool:web-search", "invoke")
+    assert issued_claims(dev, response, "tool:web-search")["sub"].startswith("spiffe://partner.test/")
+
+
+def test_ca_rotation_needs_no_restart(dev: DevEnvironment) -> None:
+    kid_before = jwt.get_unverified_header(dev.svid("agent"))["kid"]
+    dev.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 15
+    while jwt.get_unverified_header(svid := dev.svid("agent"))["kid"] == kid_before:
+        assert time.monotonic() < deadline, "the CA did not rotate"
+        time.sleep(0.1)
+    while (response := dev.exchange(svid, "tool:web-search", "invoke")).status_code != 200:
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.1)
+    assert issued_claims(dev, response, "tool:web-search")["sub"] == "spiffe://example.org/agent/researcher"
+    assert dev.process.poll() is None
+
+
+def test_ctrl_c_stops_everything_and_removes_the_sockets(dev: DevEnvironment) -> None:
+    dev.process.send_signal(signal.SIGINT)
+    assert dev.process.wait(timeout=20) == 0
+    assert not list((dev.state_dir / "sockets").glob("*.sock"))
+    assert not (dev.state_dir / "dev.json").exists()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(dev.description["issuer"] + "/healthz", timeout=2)

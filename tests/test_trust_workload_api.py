@@ -1,0 +1,148 @@
+"""Trust bundles streamed from the Workload API: live rotation, staleness, reconnection, federation.
+
+The development Workload API server and the unmodified py-spiffe client on both sides: the workload
+fetches its JWT-SVID through py-spiffe, the STS's watcher streams bundles through py-spiffe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from spiffe import WorkloadApiClient
+
+from spire.registry import Registry
+from spire.server import DevWorkloadApi
+from sts.errors import InvalidToken, TemporarilyUnavailable
+from sts.spiffeid import TrustDomain
+from sts.svid import JwtSvidVerifier
+from sts.trust import TrustStore
+from sts.workload_api import WorkloadApiBundleSource, WorkloadApiWatcher
+
+AUDIENCE = "https://sts.test"
+EXAMPLE, PARTNER = TrustDomain("example.org"), TrustDomain("partner.test")
+REGISTRATION = """
+trust_domain: example.org
+federated_trust_domains: [partner.test]
+workloads:
+  agent:   {spiffe_id: spiffe://example.org/agent/researcher}
+  partner: {spiffe_id: spiffe://partner.test/agent/summarizer}
+  sts:     {spiffe_id: spiffe://example.org/sts}
+"""
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[DevWorkloadApi]:
+    server = DevWorkloadApi(Registry.parse(REGISTRATION), tmp_path / "s")
+    server.start()
+    yield server
+    server.stop(grace=0)
+
+
+class FakeClock:
+    """Monotonic time the test moves: staleness is minutes long in real life."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def watcher(api: DevWorkloadApi, clock: FakeClock) -> Iterator[WorkloadApiWatcher]:
+    w = WorkloadApiWatcher(api.socket_for("sts"), max_staleness=60, clock=clock)
+    w.start()
+    assert w.wait_first_update(10)
+    yield w
+    w.stop()
+
+
+def verifier(watcher: WorkloadApiWatcher, *domains: TrustDomain) -> JwtSvidVerifier:
+    return JwtSvidVerifier(TrustStore(WorkloadApiBundleSource(td, watcher) for td in domains), AUDIENCE)
+
+
+def fetch_svid(api: DevWorkloadApi, name: str) -> str:
+    with WorkloadApiClient(socket_path=api.socket_for(name)) as client:
+        return client.fetch_jwt_svid(audience={AUDIENCE}, timeout=5).token
+
+
+def test_svid_from_the_workload_api_verifies(api: DevWorkloadApi, watcher: WorkloadApiWatcher) -> None:
+    verified = verifier(watcher, EXAMPLE).verify(fetch_svid(api, "agent"))
+    assert str(verified.spiffe_id) == "spiffe://example.org/agent/researcher"
+    # X.509 bundles arrive on their own stream (FetchX509SVID), joined into the same TrustBundle.
+    eventually(lambda: bool(watcher.bundle(EXAMPLE).x509_authorities))  # type: ignore[union-attr]
+
+
+def test_rotation_is_used_without_restart(api: DevWorkloadApi, watcher: WorkloadApiWatcher) -> None:
+    before = fetch_svid(api, "agent")
+    check = verifier(watcher, EXAMPLE)
+    api.rotate_ca()
+    after = fetch_svid(api, "agent")
+    eventually(lambda: len(watcher.bundle(EXAMPLE).jwt_authorities) == 2)  # type: ignore[union-attr]
+    assert check.verify(after).spiffe_id == check.verify(before).spiffe_id  # old and new during the overlap
+
+
+def test_federated_domain_only_when_configured(api: DevWorkloadApi, watcher: WorkloadApiWatcher) -> None:
+    partner_svid = fetch_svid(api, "partner")
+    assert str(verifier(watcher, EXAMPLE, PARTNER).verify(partner_svid).spiffe_id).startswith("spiffe://partner.test")
+    with pytest.raises(InvalidToken) as refused:
+        verifier(watcher, EXAMPLE).verify(partner_svid)
+    assert refused.value.rule == "trust_domain"
+
+
+def test_outage_keeps_last_bundles_until_stale_then_refuses_then_recovers(
+    tmp_path: Path, api: DevWorkloadApi, watcher: WorkloadApiWatcher, clock: FakeClock
+) -> None:
+    svid = fetch_svid(api, "agent")
+    check = verifier(watcher, EXAMPLE)
+    api.stop(grace=0)
+    eventually(lambda: watcher._health["jwt"].broken_since is not None)
+    clock.now += 59
+    assert check.verify(svid)  # within max_staleness: the last bundles still serve
+    clock.now += 2
+    with pytest.raises(TemporarilyUnavailable, match="stale"):
+        check.verify(svid)
+    assert TrustStore([WorkloadApiBundleSource(EXAMPLE, watcher)]).readiness()
+
+    restarted = DevWorkloadApi(Registry.parse(REGISTRATION), tmp_path / "s")
+    restarted.start()
+    try:
+        fresh = fetch_svid(restarted, "agent")  # a new CA: only the reconnected stream knows its key
+        eventually(lambda: _verifies(check, fresh), timeout=15)
+    finally:
+        restarted.stop(grace=0)
+
+
+def _verifies(check: JwtSvidVerifier, token: str) -> bool:
+    try:
+        check.verify(token)
+    except (InvalidToken, TemporarilyUnavailable):
+        return False
+    return True
+
+
+def test_not_ready_before_the_first_update(tmp_path: Path) -> None:
+    watcher = WorkloadApiWatcher(f"unix://{tmp_path}/absent.sock", max_staleness=60)
+    watcher.start()
+    try:
+        assert not watcher.wait_first_update(0.3)
+        with pytest.raises(TemporarilyUnavailable, match="not available yet"):
+            watcher.bundle(EXAMPLE)
+    finally:
+        watcher.stop()
