@@ -1,0 +1,156 @@
+"""Shared state behind one protocol: tasks, revocations, exceptions, rate and budget counters.
+
+Three backends implement :class:`Store`: ``memory://`` (tests, one process), ``sqlite:///path`` (the
+embedded default: WAL, survives restarts, safe across worker processes) and ``redis://`` (replicas).
+Every record carries the time it stops mattering, so storage stays bounded by live tasks and tokens.
+Issued tokens themselves are not stored: a token is inactive when its ``jti`` is revoked, its task is
+over, or its subject is cut off, and each of those is one small record.
+
+A backend that cannot answer raises :class:`StoreUnavailable` (``temporarily_unavailable``, 503): the
+callers refuse rather than guess (fail closed).
+
+Imports ``sts.errors`` only; the record types are plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sts.errors import TemporarilyUnavailable
+
+# How long ended tasks and expired exceptions stay readable (listed as ended) before they are dropped.
+RETENTION_SECONDS = 24 * 3600
+
+
+class StoreUnavailable(TemporarilyUnavailable):
+    """The state store did not answer; nothing is decided without it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("state store unavailable", detail=detail)
+
+
+class AlreadyExists(ValueError):
+    """A record with this id exists already (ids are never reused)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTarget:
+    """One target a task may use, with the scopes it declared."""
+
+    target: str
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as stored: who created it, for whom, what it may touch, until when, and how it ended."""
+
+    id: str
+    creator: str
+    assignee: str
+    targets: tuple[TaskTarget, ...]
+    purpose: str
+    created_at: int
+    deadline: int
+    completed_at: int | None = None
+    completed_by: str | None = None
+
+    def status(self, now: float) -> str:
+        """``active``, ``completed`` or ``expired`` at ``now``."""
+        if self.completed_at is not None:
+            return "completed"
+        return "expired" if now >= self.deadline else "active"
+
+    @property
+    def ended_at(self) -> int:
+        """When the task stopped (or will stop) allowing access."""
+        return self.completed_at if self.completed_at is not None else self.deadline
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectRevocation:
+    """The kill switch for one SPIFFE ID: tokens issued up to ``revoked_at`` are dead, and no new one is
+    issued before ``until`` (forever when None)."""
+
+    spiffe_id: str
+    revoked_at: int
+    until: int | None
+    by: str
+    reason: str
+
+    def blocks_issuance(self, now: float) -> bool:
+        return self.until is None or now < self.until
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionGrant:
+    """Break-glass: extra access for one workload to one target's scopes, always with an end."""
+
+    id: str
+    spiffe_id: str
+    target: str
+    scopes: frozenset[str]
+    reason: str
+    granted_by: str
+    created_at: int
+    expires_at: int
+
+    def active(self, now: float) -> bool:
+        return self.created_at <= now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class TokenState:
+    """What the store knows about one token, read in one round trip for introspection."""
+
+    jti_revoked: bool
+    task: TaskRecord | None
+    subject_revocation: SubjectRevocation | None
+
+
+class Store(Protocol):
+    """The state every replica shares. All methods may raise StoreUnavailable."""
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the backend answers right now."""
+
+    # Tasks
+    def create_task(self, task: TaskRecord) -> None:
+        """Store a new task (AlreadyExists if the id is taken); kept until deadline + retention."""
+
+    def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    def complete_task(self, task_id: str, *, at: int, by: str) -> TaskRecord | None:
+        """Mark the task completed (the first completion wins, later calls return it); None if unknown."""
+
+    # Revocation
+    def revoke_jti(self, jti: str, *, expires_at: int) -> None:
+        """Remember ``jti`` as revoked until the token would have expired anyway."""
+
+    def revoke_subject(self, revocation: SubjectRevocation, *, keep_until: int | None) -> None:
+        """Store (replace) the kill switch of one SPIFFE ID; kept until ``keep_until`` (forever if None)."""
+
+    def subject_revocation(self, spiffe_id: str) -> SubjectRevocation | None: ...
+
+    def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
+        """Everything that can make a token inactive, in one round trip."""
+
+    # Break-glass exceptions
+    def add_exception(self, grant: ExceptionGrant) -> None:
+        """Store a grant (AlreadyExists if the id is taken); kept until expires_at + retention."""
+
+    def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:
+        """Grants of one workload (or all), active and recently expired, oldest first."""
+
+    # Counters shared by every replica
+    def count_in_window(self, key: str, *, window: int, now: float) -> int:
+        """Add one hit to ``key``'s fixed window of ``window`` seconds containing ``now``; the new count."""
+
+    def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:
+        """Consume one unit of ``key``'s budget of ``limit``; False (and nothing consumed) when spent."""
+
+    def use_once(self, key: str, *, expires_at: int) -> bool:
+        """True the first time ``key`` is seen before ``expires_at``, False on every replay."""
+
+    def close(self) -> None: ...

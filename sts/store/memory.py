@@ -1,0 +1,147 @@
+"""``memory://``: the store in one process's memory, for tests and single-process experiments."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sts.store import (
+    RETENTION_SECONDS,
+    AlreadyExists,
+    ExceptionGrant,
+    SubjectRevocation,
+    TaskRecord,
+    TokenState,
+)
+
+_T = TypeVar("_T")
+
+
+class MemoryStore:
+    """Dicts behind one lock; expired records are dropped when touched and on every write."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tasks: dict[str, tuple[TaskRecord, float]] = {}
+        self._revoked: dict[str, float] = {}
+        self._subjects: dict[str, tuple[SubjectRevocation, float]] = {}
+        self._exceptions: dict[str, tuple[ExceptionGrant, float]] = {}
+        self._counters: dict[str, tuple[int, float]] = {}
+        self._once: dict[str, float] = {}
+
+    def ping(self) -> None:
+        return None
+
+    def create_task(self, task: TaskRecord) -> None:
+        with self._lock:
+            self._sweep()
+            if task.id in self._tasks:
+                raise AlreadyExists(task.id)
+            self._tasks[task.id] = (task, task.deadline + RETENTION_SECONDS)
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        with self._lock:
+            return self._live(self._tasks, task_id)
+
+    def complete_task(self, task_id: str, *, at: int, by: str) -> TaskRecord | None:
+        with self._lock:
+            task = self._live(self._tasks, task_id)
+            if task is None or task.completed_at is not None:
+                return task
+            done = dataclasses.replace(task, completed_at=at, completed_by=by)
+            self._tasks[task_id] = (done, self._tasks[task_id][1])
+            return done
+
+    def revoke_jti(self, jti: str, *, expires_at: int) -> None:
+        with self._lock:
+            self._sweep()
+            self._revoked[jti] = max(expires_at, self._revoked.get(jti, 0))
+
+    def revoke_subject(self, revocation: SubjectRevocation, *, keep_until: int | None) -> None:
+        with self._lock:
+            self._sweep()
+            self._subjects[revocation.spiffe_id] = (
+                revocation,
+                math.inf if keep_until is None else keep_until,
+            )
+
+    def subject_revocation(self, spiffe_id: str) -> SubjectRevocation | None:
+        with self._lock:
+            return self._live(self._subjects, spiffe_id)
+
+    def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
+        with self._lock:
+            revoked_until = self._revoked.get(jti)
+            return TokenState(
+                jti_revoked=revoked_until is not None and revoked_until > self._clock(),
+                task=self._live(self._tasks, task_id) if task_id else None,
+                subject_revocation=self._live(self._subjects, spiffe_id),
+            )
+
+    def add_exception(self, grant: ExceptionGrant) -> None:
+        with self._lock:
+            self._sweep()
+            if grant.id in self._exceptions:
+                raise AlreadyExists(grant.id)
+            self._exceptions[grant.id] = (grant, grant.expires_at + RETENTION_SECONDS)
+
+    def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:
+        with self._lock:
+            now = self._clock()
+            grants = [g for g, keep in self._exceptions.values() if keep > now]
+        chosen = [g for g in grants if spiffe_id is None or g.spiffe_id == spiffe_id]
+        return sorted(chosen, key=lambda g: (g.created_at, g.id))
+
+    def count_in_window(self, key: str, *, window: int, now: float) -> int:
+        slot = f"{key}:{int(now // window)}"
+        with self._lock:
+            count = self._counter(slot) + 1
+            self._counters[slot] = (count, (int(now // window) + 1) * window)
+            return count
+
+    def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:
+        with self._lock:
+            used = self._counter(key)
+            if used >= limit:
+                return False
+            self._counters[key] = (used + 1, expires_at)
+            return True
+
+    def use_once(self, key: str, *, expires_at: int) -> bool:
+        with self._lock:
+            seen = self._once.get(key)
+            if seen is not None and seen > self._clock():
+                return False
+            self._once[key] = expires_at
+            return True
+
+    def close(self) -> None:
+        return None
+
+    def _counter(self, key: str) -> int:
+        value = self._counters.get(key)
+        return value[0] if value is not None and value[1] > self._clock() else 0
+
+    def _live(self, table: dict[str, tuple[_T, float]], key: str) -> _T | None:
+        entry = table.get(key)
+        return entry[0] if entry is not None and entry[1] > self._clock() else None
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        _drop_expired(self._tasks, now)
+        _drop_expired(self._subjects, now)
+        _drop_expired(self._exceptions, now)
+        _drop_expired(self._counters, now)
+        for simple in (self._revoked, self._once):
+            for key in [k for k, keep in simple.items() if keep <= now]:
+                del simple[key]
+
+
+def _drop_expired(table: dict[str, tuple[_T, float]], now: float) -> None:
+    for key in [k for k, (_, keep) in table.items() if keep <= now]:
+        del table[key]
