@@ -3,9 +3,10 @@
 A target is named on ``/token`` either by ``audience`` (the catalog id, e.g. ``tool:web-search``) or
 by ``resource`` (an absolute URI listed in the catalog, RFC 8707). The entry decides the token class
 (which signing key), the scopes that may be asked for, the data sensitivity Cedar sees, and the
-longest lifetime a token for it may have.
+longest lifetime a token for it may have, and which workloads serve it (only they may introspect
+its tokens).
 
-Imports only ``sts.errors``.
+Imports only ``sts.errors`` and ``sts.spiffeid``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from enum import IntEnum, StrEnum
 from urllib.parse import urlsplit
 
 from sts.errors import InvalidRequest, InvalidScope, InvalidTarget
+from sts.spiffeid import SpiffeId
 
 DEFAULT_MAX_TTL_SECONDS = 300
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
@@ -65,6 +67,7 @@ class CatalogEntry:
     sensitivity: Sensitivity = Sensitivity.INTERNAL
     resource: str | None = None
     max_ttl: int = DEFAULT_MAX_TTL_SECONDS
+    resource_servers: frozenset[SpiffeId] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.id or any(c.isspace() for c in self.id):

@@ -28,9 +28,7 @@ from sts.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "STS_CONFIG"
-# Parsed and checked now so configurations stay valid, but nothing acts on them yet (tasks and limits
-# come with the store). Saying so beats letting an operator believe a rate limit is in force.
-NOT_ENFORCED_YET = ("limits", "store", "admins")
+
 SUPPORTED_SIGNING_ALGORITHMS = ("ES256",)
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -83,8 +81,15 @@ class TokenSettings:
 
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
+    """Shared by every replica through the store: exchanges per workload per second, tokens per task."""
+
     per_workload_per_second: int = 20
     tokens_per_task: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSettings:
+    max_ttl: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,7 @@ class Settings:
     policy_dir: Path
     admins: frozenset[SpiffeId]
     limits: LimitSettings
+    tasks: TaskSettings
     tokens: TokenSettings
     audit_path: str
     server: ServerSettings
@@ -309,9 +315,6 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
 
 def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     top = _Section(tree, "", tree.data)
-    for key in NOT_ENFORCED_YET:
-        if top.has(key):
-            log.warning("%s: '%s' is accepted but NOT enforced by this version", tree.where(key), key)
 
     listen_section = top.section("listen")
     host = listen_section.get("host", str, "127.0.0.1")
@@ -344,13 +347,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         )
     keys_section.done()
 
-    store_section = top.section("store")
-    store_url = store_section.get("url", str, f"sqlite:///{base / 'state/sts.db'}")
-    if urlsplit(store_url).scheme not in ("sqlite", "redis", "rediss", "memory"):
-        store_section.fail(
-            store_section.key("url"), "must be sqlite:///path, redis://host:port/db or memory://"
-        )
-    store_section.done()
+    store_url = _store_url(top.section("store"), base)
 
     tokens_section = top.section("tokens")
     tokens = TokenSettings(
@@ -376,6 +373,10 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         tokens_per_task=limits_section.positive("tokens_per_task", 200),
     )
     limits_section.done()
+
+    tasks_section = top.section("tasks")
+    tasks = TaskSettings(max_ttl=tasks_section.duration("max_ttl", 3600))
+    tasks_section.done()
 
     audit_section = top.section("audit")
     audit_raw = audit_section.get("path", str, "-")
@@ -406,12 +407,25 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         policy_dir=policy_dir,
         admins=admins,
         limits=limits,
+        tasks=tasks,
         tokens=tokens,
         audit_path=audit_path,
         server=server,
         log_level=log_level,
         source=tree.source,
     )
+
+
+def _store_url(section: _Section, base: Path) -> str:
+    url = section.get("url", str, f"sqlite://{base / 'state/sts.db'}")
+    relative = url.removeprefix("sqlite:///")
+    if url.startswith("sqlite:///") and relative.startswith(("./", "../")):
+        # sqlite:///./x.db and sqlite:///../x.db are relative to the config file, like every other path.
+        url = f"sqlite://{os.path.normpath(base / relative)}"
+    if urlsplit(url).scheme not in ("sqlite", "redis", "rediss", "memory"):
+        section.fail(section.key("url"), "must be sqlite:///path, redis://host:port/db or memory://")
+    section.done()
+    return url
 
 
 def _workload_api(
@@ -493,6 +507,7 @@ def _catalog(top: _Section, default_max_ttl: int) -> Catalog:
             section.fail(section.key("sensitivity"), str(e))
         max_ttl = section.duration("max_ttl", default_max_ttl)
         resource = section.get("resource", str, "") or None
+        resource_servers = frozenset(_spiffe_ids(section, "resource_servers"))
         section.done()
         try:
             entries.append(
@@ -503,6 +518,7 @@ def _catalog(top: _Section, default_max_ttl: int) -> Catalog:
                     sensitivity=sensitivity,
                     resource=resource,
                     max_ttl=min(max_ttl, default_max_ttl),
+                    resource_servers=resource_servers,
                 )
             )
         except ValueError as e:
@@ -513,16 +529,17 @@ def _catalog(top: _Section, default_max_ttl: int) -> Catalog:
         return top.fail("catalog", str(e))  # type: ignore[no-any-return]
 
 
-def _spiffe_ids(top: _Section, name: str) -> list[SpiffeId]:
-    raw = top.raw(name) or []
+def _spiffe_ids(section: _Section, name: str) -> list[SpiffeId]:
+    raw = section.raw(name) or []
+    key = section.key(name)
     if not isinstance(raw, list):
-        top.fail(name, "must be a list of SPIFFE IDs")
+        section.fail(key, "must be a list of SPIFFE IDs")
     out = []
     for index, item in enumerate(raw):
         try:
             out.append(SpiffeId.parse(item))
         except SpiffeIdError as e:
-            top.fail(f"{name}[{index}]", f"is not a SPIFFE ID: {e}")
+            section.fail(f"{key}[{index}]", f"is not a SPIFFE ID: {e}")
     return out
 
 

@@ -44,6 +44,7 @@ DEMO_CATALOG = [
         "scopes": ["invoke"],
         "sensitivity": "internal",
         "max_ttl": "300s",
+        "resource_servers": ["spiffe://example.org/tool/web-search"],
     },
     {
         "id": "data:crm",
@@ -51,6 +52,7 @@ DEMO_CATALOG = [
         "sensitivity": "confidential",
         "scopes": ["read", "write"],
         "max_ttl": "120s",
+        "resource_servers": ["spiffe://example.org/data/crm"],
     },
 ]
 
@@ -64,6 +66,8 @@ def dev_config(registry: Registry, api: DevWorkloadApi, state_dir: Path, port: i
         "trust_domains": {str(td): {"bundle": "workload-api"} for td in domains},
         "workload_api": {"socket": api.socket_for(STS_WORKLOAD), "max_staleness": "5m"},
         "keys": {"dir": str(state_dir / "keys")},
+        "store": {"url": f"sqlite:///{state_dir / 'sts.db'}"},
+        "admins": [str(w.spiffe_id) for name, w in registry.workloads.items() if name == "admin"],
         "catalog": DEMO_CATALOG,
         "policy": {"dir": str(DEMO_POLICIES)},
         "audit": {"path": str(state_dir / "audit.jsonl")},

@@ -13,7 +13,10 @@ details such as key ids or bundle contents; ``detail`` is for the log only.
      ├── InvalidScope (invalid_scope, 400)
      ├── UnsupportedGrantType (unsupported_grant_type, 400)
      ├── RateLimited (rate_limited, 429, Retry-After)
-     └── TemporarilyUnavailable (temporarily_unavailable, 503)
+     ├── TemporarilyUnavailable (temporarily_unavailable, 503)
+     ├── InvalidCallerToken (invalid_token, 401)   RFC 6750: the bearer JWT-SVID of a JSON endpoint
+     ├── AccessDenied (access_denied, 403)         authenticated, but not allowed (policy, not admin)
+     └── NotFound (not_found, 404)                 no such task (or not yours: no oracle)
 
 ``ConfigError`` is apart: it stops start-up, it is never an HTTP answer.
 
@@ -115,6 +118,27 @@ class TemporarilyUnavailable(StsError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
+
+
+class InvalidCallerToken(StsError):
+    """RFC 6750 §3.1: the caller's bearer token (its JWT-SVID) is missing or does not verify."""
+
+    error = "invalid_token"
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        description = self.description.replace('"', "'")
+        return {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{description}"'}
+
+
+class AccessDenied(StsError):
+    error = "access_denied"
+    status = 403
+
+
+class NotFound(StsError):
+    error = "not_found"
+    status = 404
 
 
 class ConfigError(Exception):

@@ -19,20 +19,24 @@ from typing import Any
 
 from sts.audit import AuditLog
 from sts.catalog import Catalog, CatalogEntry, is_scope_token
+from sts.config import LimitSettings
 from sts.errors import (
     InvalidClient,
     InvalidRequest,
     InvalidScope,
     InvalidTarget,
     InvalidToken,
+    RateLimited,
     StsError,
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
 from sts.keys import KeyRing
-from sts.policy import Policy, PolicyRequest
+from sts.policy import Policy, PolicyRequest, TaskFacts
 from sts.spiffeid import SpiffeId, SpiffeIdError
+from sts.store import RETENTION_SECONDS, Store, TaskRecord
 from sts.svid import JwtSvidVerifier, VerifiedJwtSvid
+from sts.tasks import TaskService
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,13 @@ class TokenExchange:
         keys: KeyRing,
         audit: AuditLog,
         max_ttl: int,
+        store: Store,
+        tasks: TaskService,
+        limits: LimitSettings,
     ) -> None:
+        self.store = store
+        self.tasks = tasks
+        self.limits = limits
         self.issuer = issuer
         self.verifier = verifier
         self.catalog = catalog
@@ -218,19 +228,34 @@ class TokenExchange:
 
         subject = self._verify(request.subject_token, "subject_token", now)
         trail.fields["spiffe_id"] = str(subject.spiffe_id)
+        self._check_rate(subject.spiffe_id, now)
         actor = self._verify_actor(request, now)
         if actor is not None:
             trail.fields["actor"] = str(actor.spiffe_id)
         client_id = self._check_client_binding(request, client, subject, actor)
+        for party, parameter in ((subject, "subject_token"), (actor, "actor_token")):
+            if party is not None:
+                self._check_not_cut_off(party.spiffe_id, parameter, now)
 
         entry = self.catalog.resolve(request.audiences, request.resources)
         trail.fields.update(target=entry.id, token_class=entry.token_class.value)
         scopes = self.catalog.check_scopes(entry, _parse_scope(request.scope))
         trail.fields["scopes"] = sorted(scopes)
 
+        task = None
         if request.task_id is not None:
             trail.fields["task_id"] = request.task_id
-            raise InvalidRequest("unknown task: no task with this id is active")
+            task = self.tasks.check_for_exchange(request.task_id, subject.spiffe_id, entry.id, scopes, now)
+        exception = next(
+            (
+                grant
+                for grant in self.store.exceptions(str(subject.spiffe_id))
+                if grant.active(now) and grant.target == entry.id and scopes <= grant.scopes
+            ),
+            None,
+        )
+        if exception is not None:
+            trail.fields["exception_id"] = exception.id
 
         decision = self.policy.decide(
             PolicyRequest(
@@ -239,7 +264,9 @@ class TokenExchange:
                 scopes=scopes,
                 now=int(now),
                 client_auth=client.method if client else "none",
+                task=_task_facts(task),
                 actor=actor.spiffe_id if actor else None,
+                break_glass=exception is not None,
             )
         )
         trail.fields["policy_ids"] = list(decision.policy_ids)
@@ -255,11 +282,21 @@ class TokenExchange:
                 detail=decision.reason,
             )
 
+        if task is not None and not self.store.take_budget(
+            f"budget:{task.id}",
+            limit=self.limits.tokens_per_task,
+            expires_at=task.deadline + RETENTION_SECONDS,
+        ):
+            raise RateLimited(
+                f"the task's token budget ({self.limits.tokens_per_task}) is spent",
+                retry_after=max(1, int(task.deadline - now)),
+            )
         return self._mint(
             entry,
             scopes,
             subject,
             actor,
+            task,
             requested_token_type=request.requested_token_type,
             client_id=client_id,
             policy_ttl=decision.ttl_seconds,
@@ -273,6 +310,7 @@ class TokenExchange:
         scopes: frozenset[str],
         subject: VerifiedJwtSvid,
         actor: VerifiedJwtSvid | None,
+        task: TaskRecord | None,
         *,
         requested_token_type: str,
         client_id: str,
@@ -284,8 +322,9 @@ class TokenExchange:
         issued_at = int(now)
         lifetimes = [entry.max_ttl, self.max_ttl] + ([policy_ttl] if policy_ttl is not None else [])
         # A delegated token lives no longer than either party's SVID.
-        svid_expiry = min(subject.expiry, actor.expiry) if actor else subject.expiry
-        expires_at = min(issued_at + min(lifetimes), svid_expiry)
+        # Never past either party's SVID, nor past the task's deadline.
+        bounds = [subject.expiry] + ([actor.expiry] if actor else []) + ([task.deadline] if task else [])
+        expires_at = min(issued_at + min(lifetimes), *bounds)
         if expires_at - issued_at < MIN_LIFETIME_SECONDS:
             raise InvalidRequest("subject_token: expires too soon to issue a token from it")
         jti = secrets.token_urlsafe(16)
@@ -302,6 +341,8 @@ class TokenExchange:
             "scope": scope,
             "token_class": entry.token_class.value,
         }
+        if task is not None:
+            claims["task_id"] = task.id
         if actor is not None:
             # RFC 8693 §4.1. Only the verified actor: an ``act`` chain the actor asserts about itself is not
             # evidence of earlier delegation, so it is never copied into our tokens.
@@ -315,6 +356,21 @@ class TokenExchange:
             issued_token_type=requested_token_type,
             jti=jti,
         )
+
+    def _check_rate(self, spiffe_id: SpiffeId, now: float) -> None:
+        """Exchanges per workload per second, counted in the shared store: the limit holds across replicas."""
+        count = self.store.count_in_window(f"rate:{spiffe_id}", window=1, now=now)
+        if count > self.limits.per_workload_per_second:
+            raise RateLimited(
+                f"more than {self.limits.per_workload_per_second} exchanges per second from this workload",
+                retry_after=1,
+            )
+
+    def _check_not_cut_off(self, spiffe_id: SpiffeId, parameter: str, now: float) -> None:
+        """The admin kill switch: no new token for a revoked SPIFFE ID until its end time."""
+        revocation = self.store.subject_revocation(str(spiffe_id))
+        if revocation is not None and revocation.blocks_issuance(now):
+            raise InvalidRequest(f"{parameter}: access of this workload has been revoked by an administrator")
 
     def _authenticate_client(self, request: ExchangeRequest, now: float) -> ClientIdentity | None:
         """``jwt-spiffe`` client assertion: a JWT-SVID whose only audience is this issuer."""
@@ -376,6 +432,12 @@ class TokenExchange:
             return self.verifier.verify(token, now=now)
         except InvalidToken as e:
             raise e.for_parameter(parameter) from e
+
+
+def _task_facts(task: TaskRecord | None) -> TaskFacts | None:
+    if task is None:
+        return None
+    return TaskFacts(task.id, task.purpose, SpiffeId.parse(task.creator), task.deadline)
 
 
 def _parse_scope(scope: str) -> frozenset[str]:

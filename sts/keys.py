@@ -42,6 +42,7 @@ from sts.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ACCESS_TOKEN_TYPE = "at+jwt"
+MAX_ISSUED_TOKEN_CHARS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,39 @@ class KeyRing:
     def jwks(self, token_class: TokenClass | None = None) -> Mapping[str, Any]:
         """The public keys of one class, or of all classes; ``kid`` names the class, ``use`` is ``sig``."""
         return self._all_jwks if token_class is None else self._jwks[token_class]
+
+    def verify_issued(self, token: str, *, issuer: str, now: float) -> dict[str, Any] | None:
+        """The claims of a token we issued and that is within its lifetime; None for anything else.
+
+        For introspection and revocation (RFC 7662, RFC 7009): a token that is not ours, not an
+        ``at+jwt``, tampered with or expired is simply not active; callers learn nothing more.
+        """
+        if len(token) > MAX_ISSUED_TOKEN_CHARS:
+            return None
+        try:
+            header = jwt.get_unverified_header(token)
+            key = self._by_kid.get(header.get("kid", ""))
+            if key is None or header.get("typ") != ACCESS_TOKEN_TYPE:
+                return None
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.public_key,
+                algorithms=["ES256"],
+                issuer=issuer,
+                # Time is checked below against the caller's clock (injectable), not PyJWT's.
+                options={
+                    "verify_aud": False,
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                    "require": ["exp", "iat", "nbf", "jti", "sub", "aud", "token_class"],
+                },
+            )
+        except jwt.PyJWTError:
+            return None
+        if claims.get("token_class") != key.token_class.value or not claims["nbf"] <= now < claims["exp"]:
+            return None
+        return claims
 
     def public_keys(self, token_class: TokenClass) -> dict[str, ec.EllipticCurvePublicKey]:
         return {k.kid: k.public_key for k in self._keys[token_class]}

@@ -33,6 +33,7 @@ __all__ = [
     "Policy",
     "PolicyLoadError",
     "PolicyRequest",
+    "TaskCreateRequest",
     "TaskFacts",
     "base_schema_text",
     "explain",
@@ -42,6 +43,7 @@ __all__ = [
 CLIENT_AUTH_METHODS = frozenset({"none", "spiffe_x509", "spiffe_jwt"})
 BINDINGS = frozenset({"none", "mtls", "dpop"})
 
+TASK_CREATE_ACTION = "task:create"
 POLICY_SUFFIX = ".cedar"
 SCHEMA_RESOURCE = "schema.cedarschema"
 
@@ -81,6 +83,7 @@ class PolicyRequest:
     binding: str = "none"
     task: TaskFacts | None = None
     actor: SpiffeId | None = None
+    break_glass: bool = False
 
     def __post_init__(self) -> None:
         if self.client_auth not in CLIENT_AUTH_METHODS:
@@ -119,10 +122,25 @@ class Decision:
         return f"denied: no policy permits (default deny){scopes}"
 
 
+@dataclass(frozen=True, slots=True)
+class TaskCreateRequest:
+    """Creating a task as policy sees it: who asks, for whom, which targets, for how long."""
+
+    creator: SpiffeId
+    assignee: SpiffeId
+    targets: frozenset[str]
+    purpose: str
+    ttl_seconds: int
+    now: int
+    client_auth: str = "none"
+
+
 class Policy(Protocol):
-    """Decides one exchange; must be deterministic and deny whenever it cannot decide."""
+    """Decides exchanges and task creation; deterministic, and denies whenever it cannot decide."""
 
     def decide(self, request: PolicyRequest) -> Decision: ...
+
+    def decide_task(self, request: TaskCreateRequest) -> Decision: ...
 
 
 def explain(
@@ -447,6 +465,35 @@ class CedarPolicy:
             return _refusal(f"cedar refused the request: {err}")
         return self._combine(actions, results)
 
+    def decide_task(self, request: TaskCreateRequest) -> Decision:
+        """Action ``task:create``: principal the creator, resource the assignee; default deny."""
+        clock = time.gmtime(request.now)
+        context = {
+            "trust_domain": request.creator.trust_domain.name,
+            "now": request.now,
+            "hour_utc": clock.tm_hour,
+            "weekday_utc": clock.tm_wday,
+            "client_auth": request.client_auth,
+            "targets": sorted(request.targets),
+            "purpose": request.purpose,
+            "ttl_seconds": request.ttl_seconds,
+        }
+        cedar_request = {
+            "principal": {"type": "Workload", "id": str(request.creator)},
+            "action": {"type": "Action", "id": TASK_CREATE_ACTION},
+            "resource": {"type": "Workload", "id": str(request.assignee)},
+            "context": context,
+        }
+        workloads = {request.creator, request.assignee}
+        try:
+            entities = self._entities.with_added_json_str(
+                json.dumps([_principal_entity(w) for w in sorted(workloads, key=str)])
+            )
+            result = cedarpy.is_authorized(cedar_request, self._policy_set, entities)
+        except ValueError as err:
+            return _refusal(f"cedar refused the request: {err}")
+        return self._combine([TASK_CREATE_ACTION], [result])
+
     def _evaluate(
         self, request: PolicyRequest, actions: Sequence[str], schema: cedarpy.Schema | None = None
     ) -> list[cedarpy.AuthzResult]:
@@ -513,9 +560,9 @@ def _resource_entity(entry: CatalogEntry) -> dict[str, Any]:
     }
 
 
-def _principal_entity_json(principal: SpiffeId) -> str:
+def _principal_entity(principal: SpiffeId) -> dict[str, Any]:
     spiffe_id = str(principal)
-    entity = {
+    return {
         "uid": {"type": "Workload", "id": spiffe_id},
         "attrs": {
             "spiffe_id": spiffe_id,
@@ -525,7 +572,10 @@ def _principal_entity_json(principal: SpiffeId) -> str:
         },
         "parents": [],
     }
-    return json.dumps([entity])
+
+
+def _principal_entity_json(principal: SpiffeId) -> str:
+    return json.dumps([_principal_entity(principal)])
 
 
 def _context(request: PolicyRequest) -> dict[str, Any]:
@@ -539,6 +589,7 @@ def _context(request: PolicyRequest) -> dict[str, Any]:
         "weekday_utc": clock.tm_wday,
         "client_auth": request.client_auth,
         "binding": request.binding,
+        "break_glass": request.break_glass,
     }
     if request.task is not None:
         task = request.task

@@ -9,13 +9,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sts.admin import Admin
 from sts.audit import AuditLog
+from sts.callers import CallerAuthenticator
 from sts.config import Settings
 from sts.errors import ConfigError, TemporarilyUnavailable
 from sts.exchange import TokenExchange
+from sts.introspection import Introspection
 from sts.keys import KeyRing
 from sts.policy import CedarPolicy
+from sts.store import Store, StoreUnavailable
+from sts.store.factory import open_store
 from sts.svid import JwtSvidVerifier
+from sts.tasks import TaskService
 from sts.trust import BundleError, BundleSource, FileBundleSource, TrustStore
 from sts.workload_api import WorkloadApiBundleSource, WorkloadApiWatcher
 
@@ -32,11 +38,20 @@ class Services:
     policy: CedarPolicy
     audit: AuditLog
     exchange: TokenExchange
+    store: Store
+    callers: CallerAuthenticator
+    tasks: TaskService
+    introspection: Introspection
+    admin: Admin
     watcher: WorkloadApiWatcher | None = None
 
     def readiness(self) -> list[str]:
         """What stops this process from serving correctly right now (empty: ready)."""
         problems = self.trust.readiness()
+        try:
+            self.store.ping()
+        except StoreUnavailable as e:
+            problems.append(f"state store: {e.description} ({e.detail})")
         for trust_domain in sorted(self.trust.trust_domains, key=str):
             try:
                 bundle = self.trust.bundle_for(trust_domain)
@@ -50,6 +65,7 @@ class Services:
         """Stop background streams and close the audit log (tests, and the parent of the workers)."""
         if self.watcher is not None:
             self.watcher.stop()
+        self.store.close()
         self.audit.close()
 
 
@@ -97,6 +113,20 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         audit = AuditLog(settings.audit_path)
     except OSError as e:
         raise ConfigError(f"audit.path: cannot open {settings.audit_path}: {e.strerror}") from e
+    try:
+        store = open_store(settings.store_url)
+    except ValueError as e:
+        raise ConfigError(f"store.url: {e}") from e
+    except StoreUnavailable as e:
+        raise ConfigError(f"store.url: cannot open the store: {e.detail}") from e
+    tasks = TaskService(
+        store=store,
+        catalog=settings.catalog,
+        policy=policy,
+        audit=audit,
+        max_ttl=settings.tasks.max_ttl,
+        admins=settings.admins,
+    )
     verifier = JwtSvidVerifier(
         trust,
         settings.issuer,
@@ -111,5 +141,25 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         keys=keys,
         audit=audit,
         max_ttl=settings.tokens.max_ttl,
+        store=store,
+        tasks=tasks,
+        limits=settings.limits,
     )
-    return Services(settings, trust, keys, policy, audit, exchange, watcher)
+    return Services(
+        settings=settings,
+        trust=trust,
+        keys=keys,
+        policy=policy,
+        audit=audit,
+        exchange=exchange,
+        store=store,
+        callers=CallerAuthenticator(verifier, settings.admins),
+        tasks=tasks,
+        introspection=Introspection(
+            issuer=settings.issuer, keys=keys, store=store, catalog=settings.catalog, audit=audit
+        ),
+        admin=Admin(
+            store=store, catalog=settings.catalog, audit=audit, max_token_ttl=settings.tokens.max_ttl
+        ),
+        watcher=watcher,
+    )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -35,6 +38,16 @@ when { principal.trust_domain == "example.org" && principal.path like "/agent/*"
 forbid(principal, action, resource is Dataset)
 when { resource.sensitivity_rank >= 3 };
 
+// The orchestrator hands tasks to agents.
+@id("orchestrator-assigns-tasks")
+permit(principal == Workload::"spiffe://example.org/orchestrator", action == Action::"task:create", resource)
+when { resource.path like "/agent/*" };
+
+// Break-glass exceptions open what they name (forbids still apply).
+@id("break-glass")
+@ttl("30")
+permit(principal, action in [Action::"tool", Action::"data"], resource) when { context.break_glass };
+
 // The partner's agents may use the web search tool only.
 @id("partner-web-search")
 permit(principal, action == Action::"tool:invoke", resource == Tool::"tool:web-search")
@@ -43,9 +56,11 @@ when { principal.trust_domain == "partner.test" };
 
 TEST_CATALOG = """
 catalog:
-  - {id: tool:web-search, class: tool, resource: "https://search.internal/", scopes: [invoke], max_ttl: 300s}
-  - {id: tool:calc, class: tool, scopes: [invoke], max_ttl: 300s}
-  - {id: data:crm, class: data, sensitivity: confidential, scopes: [read, write], max_ttl: 120s}
+  - {id: tool:web-search, class: tool, resource: "https://search.internal/", scopes: [invoke], max_ttl: 300s,
+     resource_servers: [spiffe://example.org/tool/web-search]}
+  - {id: tool:calc, class: tool, scopes: [invoke], max_ttl: 300s, resource_servers: [spiffe://example.org/tool/calc]}
+  - {id: data:crm, class: data, sensitivity: confidential, scopes: [read, write], max_ttl: 120s,
+     resource_servers: [spiffe://example.org/data/crm]}
   - {id: data:vault, class: data, sensitivity: restricted, scopes: [read], max_ttl: 120s}
 """
 
@@ -66,7 +81,12 @@ def partner_test() -> TestAuthority:
     return TestAuthority("partner.test")
 
 
-def write_config(directory: Path, port: int, example: TestAuthority, partner: TestAuthority) -> Path:
+ADMIN = "spiffe://example.org/ops/sts-admin"
+
+
+def write_config(
+    directory: Path, port: int, example: TestAuthority, partner: TestAuthority, *, store: str | None = None
+) -> Path:
     """A complete server configuration in ``directory`` (bundles, policies, catalog)."""
     (directory / "policies").mkdir(parents=True, exist_ok=True)
     (directory / "policies" / "test.cedar").write_text(TEST_POLICIES)
@@ -80,7 +100,9 @@ def write_config(directory: Path, port: int, example: TestAuthority, partner: Te
         "  example.org: {bundle_file: example.org.json}\n"
         "  partner.test: {bundle_file: partner.test.json}\n"
         "keys: {dir: keys}\n"
-        "store: {url: 'memory://'}\n"
+        f"store: {{url: '{store or f'sqlite:///{directory}/sts.db'}'}}\n"
+        f"admins: [{ADMIN}]\n"
+        "limits: {per_workload_per_second: 1000, tokens_per_task: 3}\n"
         f"{TEST_CATALOG}"
         "policy: {dir: policies}\n"
         "audit: {path: audit.jsonl}\n"
@@ -102,6 +124,9 @@ class RunningServer:
     def audit_lines(self) -> list[str]:
         return (self.directory / "audit.jsonl").read_text().splitlines()
 
+    def audit_records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit_lines()]
+
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
@@ -117,15 +142,11 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0
     raise RuntimeError("server did not become ready")
 
 
-@pytest.fixture(scope="session")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
-) -> Iterator[RunningServer]:
-    """The production server (``sts serve`` under granian) as a real process on loopback."""
-    directory = tmp_path_factory.mktemp("server")
-    port = free_port()
-    config = write_config(directory, port, example_org, partner_test)
-    log = (directory / "server.log").open("wb")
+@contextmanager
+def running_server(config: Path, port: int) -> Iterator[RunningServer]:
+    """``sts serve --config`` as a real process on loopback until the block ends."""
+    directory = config.parent
+    log = (directory / "server.log").open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "sts.cli", "serve", "--config", str(config)],
         stdout=log,
@@ -142,3 +163,14 @@ def server(
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
+) -> Iterator[RunningServer]:
+    """The production server (``sts serve`` under granian) with its embedded SQLite store."""
+    directory = tmp_path_factory.mktemp("server")
+    port = free_port()
+    with running_server(write_config(directory, port, example_org, partner_test), port) as running:
+        yield running

@@ -36,12 +36,27 @@ def test_serve_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_serve_with_broken_policy_exits_2(config: Path) -> None:
-    (config.parent / "policies" / "broken.cedar").write_text("\n\npermit(principal, action, resource) when { ;\n")
+    (config.parent / "policies" / "broken.cedar").write_text(
+        "\n\npermit(principal, action, resource) when { ;\n"
+    )
     assert main(["serve", "--config", str(config)]) == 2
 
 
 def test_policy_check_allow(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["policy", "check", "--config", str(config), "--spiffe-id", AGENT, "--audience", "tool:calc", "--scope", "invoke"])
+    code = main(
+        [
+            "policy",
+            "check",
+            "--config",
+            str(config),
+            "--spiffe-id",
+            AGENT,
+            "--audience",
+            "tool:calc",
+            "--scope",
+            "invoke",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "decision:  ALLOW" in out
@@ -60,18 +75,33 @@ def test_policy_check_allow(config: Path, capsys: pytest.CaptureFixture[str]) ->
     ],
     ids=["default-deny", "forbid-named", "unknown-target", "unknown-scope"],
 )
-def test_policy_check_deny(config: Path, capsys: pytest.CaptureFixture[str], args: list[str], text: str) -> None:
+def test_policy_check_deny(
+    config: Path, capsys: pytest.CaptureFixture[str], args: list[str], text: str
+) -> None:
     code = main(["policy", "check", "--config", str(config), "--spiffe-id", AGENT, *args])
     assert code == 1
     assert text in capsys.readouterr().out
 
 
 def test_policy_check_bad_spiffe_id(config: Path) -> None:
-    args = ["policy", "check", "--config", str(config), "--spiffe-id", "spiffe://EXAMPLE.org/x", "--audience", "tool:calc", "--scope", "invoke"]
+    args = [
+        "policy",
+        "check",
+        "--config",
+        str(config),
+        "--spiffe-id",
+        "spiffe://EXAMPLE.org/x",
+        "--audience",
+        "tool:calc",
+        "--scope",
+        "invoke",
+    ]
     assert main(args) == 2
 
 
-def test_keys_create_and_audit_verify(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_create_and_audit_verify(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["keys", "create", "--config", str(config)]) == 0
     kids = capsys.readouterr().out.split()
     assert [k.split("-")[0] for k in kids] == ["tool", "data"]

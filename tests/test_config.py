@@ -172,8 +172,3 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_bad_environment_override_is_blamed_on_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="environment STS_ISSUER: 'issuer' must use https"):
         load_settings(write(tmp_path, "{}\n"), environ={"STS_ISSUER": "http://sts.example.org"})
-
-
-def test_settings_not_enforced_yet_are_announced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    load_settings(write(tmp_path, "limits: {per_workload_per_second: 1}\n"), environ={})
-    assert "'limits' is accepted but NOT enforced" in caplog.text

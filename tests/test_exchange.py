@@ -14,6 +14,7 @@ from sts.errors import (
     InvalidRequest,
     InvalidScope,
     InvalidTarget,
+    RateLimited,
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
@@ -240,3 +241,55 @@ def test_unexpected_failure_still_leaves_an_audit_line(
     }
     assert records["boom"]["error"] == "server_error"
     assert "jti" not in records["boom"]
+
+
+def test_deadline_passing_ends_the_task_and_its_tokens(
+    services: Services, example_org: TestAuthority
+) -> None:
+    """The same effect as completing it, with the clock moved instead (injected time)."""
+    from sts.callers import Caller
+    from sts.spiffeid import SpiffeId
+
+    orchestrator = Caller(SpiffeId.parse("spiffe://example.org/orchestrator"), "spiffe_jwt")
+    body = {
+        "assignee": AGENT,
+        "targets": [{"target": "tool:calc", "scopes": ["invoke"]}],
+        "purpose": "p",
+        "ttl_seconds": 100,
+    }
+    task = services.tasks.create(orchestrator, body, request_id="t", now=NOW)
+    svid = example_org.mint(AGENT, services.settings.issuer, now=NOW, ttl=3600)
+    issued = services.exchange.exchange(
+        request(svid, audience="tool:calc", scope="invoke", task_id=task.id), request_id="r", now=NOW
+    )
+    assert issued.expires_in == 100  # bounded by the task deadline
+    assert services.introspection.active_claims(issued.access_token, NOW + 50) is not None
+    later = NOW + 100
+    assert services.introspection.active_claims(issued.access_token, later - 1) is not None
+    with pytest.raises(InvalidRequest, match="expired"):
+        services.exchange.exchange(
+            request(
+                example_org.mint(AGENT, services.settings.issuer, now=later),
+                audience="tool:calc",
+                scope="invoke",
+                task_id=task.id,
+            ),
+            request_id="r",
+            now=later,
+        )
+
+
+def test_rate_limit_per_workload(tmp_path: Path, example_org: TestAuthority, partner_test: TestAuthority) -> None:
+    config = write_config(tmp_path, 8443, example_org, partner_test)
+    config.write_text(config.read_text().replace("per_workload_per_second: 1000", "per_workload_per_second: 5"))
+    services = build_services(load_settings(config, environ={}))
+    svid = example_org.mint(AGENT, services.settings.issuer, now=NOW)
+    for _ in range(5):
+        services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+    with pytest.raises(RateLimited) as limited:
+        services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+    assert limited.value.status == 429
+    assert limited.value.headers() == {"Retry-After": "1"}
+    other = example_org.mint("spiffe://example.org/agent/other", services.settings.issuer, now=NOW)
+    services.exchange.exchange(request(other, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+    services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW + 1)

@@ -468,7 +468,9 @@ def test_ec_key_of_each_curve_only_fits_its_alg() -> None:
     assert excinfo.value.rule == "key_mismatch"
 
 
-@pytest.mark.parametrize("literal", ["1e400", "-1e400"], ids=["exp-overflows-to-inf", "exp-overflows-to-minus-inf"])
+@pytest.mark.parametrize(
+    "literal", ["1e400", "-1e400"], ids=["exp-overflows-to-inf", "exp-overflows-to-minus-inf"]
+)
 def test_non_finite_times_are_refused_not_crashing(world: World, literal: str) -> None:
     """JSON ``1e400`` parses to inf; a validly signed token carrying it must be refused, never a 500."""
     payload = f'{{"sub": "{SUB}", "aud": "{AUD}", "iat": {NOW}, "exp": {literal}}}'

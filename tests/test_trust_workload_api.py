@@ -100,7 +100,9 @@ def test_rotation_is_used_without_restart(api: DevWorkloadApi, watcher: Workload
 
 def test_federated_domain_only_when_configured(api: DevWorkloadApi, watcher: WorkloadApiWatcher) -> None:
     partner_svid = fetch_svid(api, "partner")
-    assert str(verifier(watcher, EXAMPLE, PARTNER).verify(partner_svid).spiffe_id).startswith("spiffe://partner.test")
+    assert str(verifier(watcher, EXAMPLE, PARTNER).verify(partner_svid).spiffe_id).startswith(
+        "spiffe://partner.test"
+    )
     with pytest.raises(InvalidToken) as refused:
         verifier(watcher, EXAMPLE).verify(partner_svid)
     assert refused.value.rule == "trust_domain"

@@ -26,7 +26,9 @@ class ExplodingExchange:
 def test_unexpected_error_is_generic_server_error(
     tmp_path: Path, example_org: TestAuthority, partner_test: TestAuthority, caplog: pytest.LogCaptureFixture
 ) -> None:
-    services = build_services(load_settings(write_config(tmp_path, 8443, example_org, partner_test), environ={}))
+    services = build_services(
+        load_settings(write_config(tmp_path, 8443, example_org, partner_test), environ={})
+    )
     app = create_app(dataclasses.replace(services, exchange=ExplodingExchange()))  # type: ignore[arg-type]
     body = {
         "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",

@@ -14,6 +14,7 @@ from sts.errors import RequestTooLarge, StsError
 from sts.runtime import Services, build_services
 from sts.web.oauth import oauth
 from sts.web.ops import ops
+from sts.web.resources import resources
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def create_app(services: Services) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.register_blueprint(oauth)
     app.register_blueprint(ops)
+    app.register_blueprint(resources)
 
     @app.before_request
     def assign_request_id() -> None:

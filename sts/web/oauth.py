@@ -44,8 +44,13 @@ def token() -> Response:
 
 
 def _parse_token_request() -> ExchangeRequest:
+    return ExchangeRequest.from_form(read_form())
+
+
+def read_form() -> dict[str, list[str]]:
+    """The form body of an OAuth endpoint, refusing the wrong media type, query parameters and excess."""
     if request.mimetype != FORM_CONTENT_TYPE:
-        raise InvalidRequest(f"the token request must be sent as {FORM_CONTENT_TYPE}")
+        raise InvalidRequest(f"the request must be sent as {FORM_CONTENT_TYPE}")
     if request.query_string:
         raise InvalidRequest("parameters must be sent in the request body, not the URL")
     limit = services().settings.server.max_body_bytes
@@ -65,7 +70,33 @@ def _parse_token_request() -> ExchangeRequest:
     form: dict[str, list[str]] = {}
     for name, value in pairs:
         form.setdefault(name, []).append(value)
-    return ExchangeRequest.from_form(form)
+    return form
+
+
+def _token_parameter(form: dict[str, list[str]]) -> str:
+    """RFC 7662 §2.1 / RFC 7009 §2.1: exactly one ``token``; ``token_type_hint`` may be ignored."""
+    values = form.get("token", [])
+    if len(values) != 1 or not values[0]:
+        raise InvalidRequest("send exactly one 'token' parameter")
+    return values[0]
+
+
+@oauth.post("/introspect")
+def introspect() -> Response:
+    """RFC 7662: the caller (a resource server's JWT-SVID as bearer) asks whether a token is active."""
+    sts = services()
+    caller = sts.callers.authenticate(request.headers.get("Authorization"))
+    token = _token_parameter(read_form())
+    return jsonify(sts.introspection.introspect(caller, token, request_id=g.request_id))
+
+
+@oauth.post("/revoke")
+def revoke() -> Response:
+    """RFC 7009: the holder revokes its own token; 200 whatever the token was (§2.2)."""
+    sts = services()
+    caller = sts.callers.authenticate(request.headers.get("Authorization"))
+    sts.introspection.revoke(caller, _token_parameter(read_form()), request_id=g.request_id)
+    return Response(status=200)
 
 
 @oauth.get("/.well-known/oauth-authorization-server")
@@ -79,6 +110,10 @@ def metadata() -> Response:
             "issuer": issuer,
             "token_endpoint": f"{issuer}/token",
             "jwks_uri": f"{issuer}/jwks.json",
+            "introspection_endpoint": f"{issuer}/introspect",
+            "revocation_endpoint": f"{issuer}/revoke",
+            "introspection_endpoint_auth_methods_supported": ["spiffe_jwt"],
+            "revocation_endpoint_auth_methods_supported": ["spiffe_jwt"],
             "tool_jwks_uri": f"{issuer}/jwks/tool.json",
             "data_jwks_uri": f"{issuer}/jwks/data.json",
             "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],

@@ -1,0 +1,170 @@
+"""Admin actions: the central kill switches and break-glass exceptions, each audited with who and why.
+
+``POST /admin/revocations`` revokes one ``jti``, a whole task (every token issued under it), or every
+token of a SPIFFE ID (optionally only until an end time, during which it gets no new token either).
+``POST /admin/exceptions`` grants one workload one target's scopes for a bounded time; an exception
+without an end is refused. Only SPIFFE IDs in ``admins`` may call these.
+
+Must not import Flask.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from sts.audit import AuditLog
+from sts.callers import Caller
+from sts.catalog import Catalog, is_scope_token
+from sts.errors import InvalidRequest, InvalidScope, InvalidTarget, NotFound
+from sts.spiffeid import SpiffeId, SpiffeIdError
+from sts.store import ExceptionGrant, Store, SubjectRevocation
+
+MAX_REASON_CHARS = 500
+MAX_EXCEPTION_SECONDS = 7 * 24 * 3600
+
+
+class Admin:
+    """Kill switches and exceptions; callers are already checked to be admins."""
+
+    def __init__(self, *, store: Store, catalog: Catalog, audit: AuditLog, max_token_ttl: int) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._audit = audit
+        self._max_token_ttl = max_token_ttl
+
+    def revoke(
+        self, caller: Caller, body: Any, *, request_id: str, now: float | None = None
+    ) -> dict[str, Any]:
+        """One of ``jti``, ``task_id`` or ``spiffe_id``, and a ``reason``; ``until`` only with spiffe_id."""
+        current = int(time.time() if now is None else now)
+        fields = _object(body, {"jti", "task_id", "spiffe_id", "until", "reason"})
+        reason = _reason(fields)
+        chosen = [name for name in ("jti", "task_id", "spiffe_id") if name in fields]
+        if len(chosen) != 1:
+            raise InvalidRequest("name exactly one of jti, task_id or spiffe_id")
+        if "until" in fields and chosen != ["spiffe_id"]:
+            raise InvalidRequest("until applies only to a spiffe_id revocation")
+        kind, value = chosen[0], fields[chosen[0]]
+        if not isinstance(value, str) or not value or len(value) > 2048:
+            raise InvalidRequest(f"{kind} must be a non-empty string")
+        result: dict[str, Any] = {"revoked": kind, kind: value, "at": current}
+        if kind == "jti":
+            # The token's own exp is unknown here; no token lives longer than the global maximum.
+            self._store.revoke_jti(value, expires_at=current + self._max_token_ttl)
+        elif kind == "task_id":
+            task = self._store.complete_task(value, at=current, by=str(caller.spiffe_id))
+            if task is None:
+                raise NotFound("no such task")
+            result["task_status"] = task.status(current)
+        else:
+            spiffe_id = _spiffe_id(value, "spiffe_id")
+            until = _time(fields.get("until"), "until", after=current) if "until" in fields else None
+            revocation = SubjectRevocation(str(spiffe_id), current, until, str(caller.spiffe_id), reason)
+            # Kept while it blocks issuance, then until every token issued before it has expired.
+            keep = None if until is None else max(until, current) + self._max_token_ttl
+            self._store.revoke_subject(revocation, keep_until=keep)
+            result["until"] = until
+        self._audit.record(
+            {
+                "event": "admin_revocation",
+                "request_id": request_id,
+                "caller": str(caller.spiffe_id),
+                "reason": reason,
+                **result,
+            },
+            now=current,
+        )
+        return result
+
+    def grant_exception(
+        self, caller: Caller, body: Any, *, request_id: str, now: float | None = None
+    ) -> ExceptionGrant:
+        """Break-glass: ``spiffe_id``, ``target``, ``scopes``, ``reason`` and an end (``expires_at``)."""
+        current = int(time.time() if now is None else now)
+        fields = _object(body, {"spiffe_id", "target", "scopes", "reason", "expires_at"})
+        reason = _reason(fields)
+        spiffe_id = _spiffe_id(fields.get("spiffe_id"), "spiffe_id")
+        if "expires_at" not in fields:
+            raise InvalidRequest(
+                "an exception needs an end time (expires_at, epoch seconds); none is permanent"
+            )
+        expires_at = _time(fields["expires_at"], "expires_at", after=current)
+        if expires_at - current > MAX_EXCEPTION_SECONDS:
+            raise InvalidRequest(f"an exception may last at most {MAX_EXCEPTION_SECONDS // 86400} days")
+        target = fields.get("target")
+        entry = self._catalog.get(target) if isinstance(target, str) else None
+        if entry is None:
+            raise InvalidTarget("target must be a catalog id")
+        scopes = fields.get("scopes")
+        if (
+            not isinstance(scopes, list)
+            or not scopes
+            or not all(isinstance(s, str) and is_scope_token(s) for s in scopes)
+        ):
+            raise InvalidScope("scopes must be a non-empty list of scope names")
+        self._catalog.check_scopes(entry, frozenset(scopes))
+        grant = ExceptionGrant(
+            id=f"exc_{secrets.token_urlsafe(12)}",
+            spiffe_id=str(spiffe_id),
+            target=entry.id,
+            scopes=frozenset(scopes),
+            reason=reason,
+            granted_by=str(caller.spiffe_id),
+            created_at=current,
+            expires_at=expires_at,
+        )
+        self._store.add_exception(grant)
+        self._audit.record(
+            {"event": "exception_granted", "request_id": request_id, **exception_json(grant, current)},
+            now=current,
+        )
+        return grant
+
+    def list_exceptions(self, now: float | None = None) -> list[dict[str, Any]]:
+        current = time.time() if now is None else now
+        return [exception_json(g, current) for g in self._store.exceptions()]
+
+
+def exception_json(grant: ExceptionGrant, now: float) -> dict[str, Any]:
+    return {
+        "exception_id": grant.id,
+        "spiffe_id": grant.spiffe_id,
+        "target": grant.target,
+        "scopes": sorted(grant.scopes),
+        "reason": grant.reason,
+        "granted_by": grant.granted_by,
+        "created_at": grant.created_at,
+        "expires_at": grant.expires_at,
+        "status": "active" if grant.active(now) else "expired",
+    }
+
+
+def _object(body: Any, known: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown field '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    return body
+
+
+def _reason(fields: dict[str, Any]) -> str:
+    reason = fields.get("reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+        raise InvalidRequest(f"reason is required: say why, in at most {MAX_REASON_CHARS} characters")
+    return reason
+
+
+def _spiffe_id(value: Any, name: str) -> SpiffeId:
+    try:
+        return SpiffeId.parse(value)
+    except SpiffeIdError as e:
+        raise InvalidRequest(f"{name} must be a SPIFFE ID: {e}") from e
+
+
+def _time(value: Any, name: str, *, after: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= after:
+        raise InvalidRequest(f"{name} must be a future time in epoch seconds")
+    return value

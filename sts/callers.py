@@ -1,0 +1,55 @@
+"""Who is calling a JSON endpoint (tasks, introspection, revocation, admin): authenticated callers.
+
+A caller proves its identity with its JWT-SVID as a bearer token (``Authorization: Bearer``, audience
+= our issuer), verified by the same :class:`~sts.svid.JwtSvidVerifier` as subject tokens (mTLS comes
+with the TLS listener). Admin endpoints additionally require the caller's SPIFFE ID in ``admins``.
+
+Knows nothing of HTTP beyond the header value it is handed; must not import Flask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+from dataclasses import dataclass
+
+from sts.errors import AccessDenied, InvalidCallerToken, InvalidToken
+from sts.spiffeid import SpiffeId
+from sts.svid import JwtSvidVerifier
+
+BEARER_PREFIX = "bearer "
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated caller and how it authenticated (``spiffe_jwt``; later ``spiffe_x509``)."""
+
+    spiffe_id: SpiffeId
+    method: str
+
+
+class CallerAuthenticator:
+    """Turns an ``Authorization`` header into a :class:`Caller`, or refuses (RFC 6750 ``invalid_token``)."""
+
+    def __init__(self, verifier: JwtSvidVerifier, admins: Set[SpiffeId]) -> None:
+        self._verifier = verifier
+        self._admins = frozenset(admins)
+
+    def authenticate(self, authorization: str | None, *, now: float | None = None) -> Caller:
+        """RFC 6750 §2.1: ``Bearer <JWT-SVID>`` whose audience is this issuer."""
+        if not authorization:
+            raise InvalidCallerToken("authenticate with your JWT-SVID: Authorization: Bearer <token>")
+        if not authorization[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX:
+            raise InvalidCallerToken("the Authorization scheme must be Bearer")
+        token = authorization[len(BEARER_PREFIX) :].strip()
+        try:
+            svid = self._verifier.verify(token, now=now)
+        except InvalidToken as e:
+            raise InvalidCallerToken(f"bearer JWT-SVID: {e.description}", detail=e.detail) from e
+        return Caller(svid.spiffe_id, "spiffe_jwt")
+
+    def is_admin(self, caller: Caller) -> bool:
+        return caller.spiffe_id in self._admins
+
+    def require_admin(self, caller: Caller) -> None:
+        if not self.is_admin(caller):
+            raise AccessDenied("this endpoint is for the STS administrators (admins in the configuration)")

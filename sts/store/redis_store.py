@@ -1,0 +1,285 @@
+"""``redis://host:port/db`` and ``rediss://``: the store shared by replicas, through one Redis (≥ 6.2).
+
+Owns the Redis key layout (all under ``sts:``) and the JSON form of records in it:
+
+    sts:task:<id>               task JSON (without its completion)   EXAT deadline + retention
+    sts:task-done:<id>          {"completed_at", "completed_by"}      same expiry as its task
+    sts:jti:<jti>               the token's expires_at                EXAT expires_at
+    sts:subject:<spiffe id>     {"revocation": …, "keep_until": …}    EXAT keep_until (none: forever)
+    sts:exception:<id>          grant JSON (claims the id)            EXAT expires_at + retention
+    sts:exceptions-of:<id>      zset: grant JSON scored by keep-until EXPIREAT its highest score
+    sts:exceptions-all          zset: every grant, the same way       EXPIREAT its highest score
+    sts:window:<key>:<slot>     hits in one fixed window              EXPIREAT the window's end
+    sts:budget:<key>            units taken                           EXAT expires_at
+    sts:once:<key>              1                                     EXAT expires_at
+
+Every key has an absolute expiry, so Redis alone keeps storage bounded. Reads also check the record's
+keep-until against this store's clock, so all backends answer alike. Every check-and-set is atomic on
+the server (a single command, MULTI, or a Lua script), so replicas never overshoot a limit; nothing is
+cached here, so a revocation is seen by every replica on its next call.
+
+A dead Redis fails fast (short socket timeouts, one immediate retry on a broken connection, which
+also heals connections a restarted Redis closed); every ``redis.RedisError`` becomes StoreUnavailable,
+and the same object works again once Redis is back.
+
+Imports only ``sts.store`` of the project (and the ``redis`` package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sts.store import (
+    RETENTION_SECONDS,
+    AlreadyExists,
+    ExceptionGrant,
+    StoreUnavailable,
+    SubjectRevocation,
+    TaskRecord,
+    TaskTarget,
+    TokenState,
+)
+
+PREFIX = "sts:"
+CONNECT_TIMEOUT = 0.5  # seconds; a dead or unreachable Redis must not hold a request for long
+READ_TIMEOUT = 1.0
+HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed before use
+_LATEST_EXPIRY = 2**40  # EXAT beyond this is refused by Redis; clamp instead of failing
+
+# KEYS: budget. ARGV: limit, expires_at. 1 when a unit was taken, 0 (nothing changed) when spent.
+_TAKE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], used + 1, 'EXAT', ARGV[2])
+return 1
+"""
+# KEYS: task, task-done. ARGV: completion JSON. The task and the (first) completion, or nil.
+_COMPLETE = """
+local task = redis.call('GET', KEYS[1])
+if not task then return false end
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', left)
+else
+  redis.call('SET', KEYS[2], ARGV[1], 'NX')
+end
+return {task, redis.call('GET', KEYS[2])}
+"""
+# KEYS: jti. ARGV: expires_at. Keeps the later of two revocations of one jti.
+_REVOKE_JTI = """
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[1])
+end
+return 1
+"""
+# KEYS: grant, workload index, global index. ARGV: grant JSON, keep-until, now.
+# Claims the id, then indexes the grant; each index is pruned of ended grants and lives as long as
+# its longest-lived member.
+_ADD_EXCEPTION = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EXAT', ARGV[2]) then return 0 end
+for i = 2, 3 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[3])
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1])
+  local last = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
+  redis.call('EXPIREAT', KEYS[i], last[2])
+end
+return 1
+"""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Method = Callable[Concatenate["RedisStore", _P], _R]
+
+
+def _answers(method: _Method[_P, _R]) -> _Method[_P, _R]:
+    """Turn every Redis failure (refused, timed out, reset, error reply) into StoreUnavailable."""
+
+    @functools.wraps(method)
+    def guarded(self: RedisStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"redis {self.address}: {type(exc).__name__}: {exc}") from exc
+
+    return guarded
+
+
+class RedisStore:
+    """The :class:`~sts.store.Store` in Redis, shared by every replica; one connection pool per store.
+
+    Options in the URL's query string (``?socket_timeout=2``) override the defaults above.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=READ_TIMEOUT,
+            health_check_interval=HEALTH_CHECK_INTERVAL,
+            # Retry once, at once, and only when the connection broke (not on a timeout): that heals
+            # a pooled connection a restarted Redis closed, and a dead Redis still fails at once.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        kwargs = self._redis.connection_pool.connection_kwargs
+        self.address = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        self._take = self._redis.register_script(_TAKE)
+        self._complete = self._redis.register_script(_COMPLETE)
+        self._revoke_jti = self._redis.register_script(_REVOKE_JTI)
+        self._add_exception = self._redis.register_script(_ADD_EXCEPTION)
+
+    @_answers
+    def ping(self) -> None:
+        self._redis.ping()
+
+    # Tasks
+
+    @_answers
+    def create_task(self, task: TaskRecord) -> None:
+        keep = task.deadline + RETENTION_SECONDS
+        if keep <= self._clock():
+            return  # already past its retention: invisible at once, as in the other backends
+        if not self._redis.set(f"{PREFIX}task:{task.id}", _json(task), nx=True, exat=_at(keep)):
+            raise AlreadyExists(task.id)
+
+    @_answers
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        record, done = self._redis.mget(_task_keys(task_id))
+        return self._task(record, done)
+
+    @_answers
+    def complete_task(self, task_id: str, *, at: int, by: str) -> TaskRecord | None:
+        done = json.dumps({"completed_at": at, "completed_by": by})
+        found = self._complete(keys=_task_keys(task_id), args=[done])
+        return None if found is None else self._task(found[0], found[1])
+
+    # Revocation
+
+    @_answers
+    def revoke_jti(self, jti: str, *, expires_at: int) -> None:
+        self._revoke_jti(keys=[f"{PREFIX}jti:{jti}"], args=[_at(expires_at)])
+
+    @_answers
+    def revoke_subject(self, revocation: SubjectRevocation, *, keep_until: int | None) -> None:
+        value = json.dumps({"revocation": dataclasses.asdict(revocation), "keep_until": keep_until})
+        key = f"{PREFIX}subject:{revocation.spiffe_id}"
+        self._redis.set(key, value, exat=None if keep_until is None else _at(keep_until))
+
+    @_answers
+    def subject_revocation(self, spiffe_id: str) -> SubjectRevocation | None:
+        return self._subject(self._redis.get(f"{PREFIX}subject:{spiffe_id}"))
+
+    @_answers
+    def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
+        keys = [f"{PREFIX}jti:{jti}", f"{PREFIX}subject:{spiffe_id}"]
+        if task_id is None:
+            revoked_until, subject = self._redis.mget(keys)
+            task = None
+        else:
+            revoked_until, subject, record, done = self._redis.mget(keys + _task_keys(task_id))
+            task = self._task(record, done)
+        return TokenState(
+            jti_revoked=revoked_until is not None and int(revoked_until) > self._clock(),
+            task=task,
+            subject_revocation=self._subject(subject),
+        )
+
+    # Break-glass exceptions
+
+    @_answers
+    def add_exception(self, grant: ExceptionGrant) -> None:
+        keys = [
+            f"{PREFIX}exception:{grant.id}",
+            f"{PREFIX}exceptions-of:{grant.spiffe_id}",
+            f"{PREFIX}exceptions-all",
+        ]
+        keep = grant.expires_at + RETENTION_SECONDS
+        if keep <= self._clock():
+            return  # already past its retention: invisible at once, as in the other backends
+        if not self._add_exception(keys=keys, args=[_json(grant), _at(keep), self._clock()]):
+            raise AlreadyExists(grant.id)
+
+    @_answers
+    def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:
+        index = f"{PREFIX}exceptions-all" if spiffe_id is None else f"{PREFIX}exceptions-of:{spiffe_id}"
+        # Without WITHSCORES the reply is the members alone.
+        members = cast("list[bytes]", self._redis.zrangebyscore(index, f"({self._clock()}", "+inf"))
+        grants = [_exception(member) for member in members]
+        return sorted(grants, key=lambda g: (g.created_at, g.id))
+
+    # Counters shared by every replica
+
+    @_answers
+    def count_in_window(self, key: str, *, window: int, now: float) -> int:
+        slot = int(now // window)
+        name = f"{PREFIX}window:{key}:{slot}"
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.incr(name)
+        pipe.expireat(name, _at((slot + 1) * window))
+        count, _ = pipe.execute()
+        return int(count)
+
+    @_answers
+    def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:
+        return bool(self._take(keys=[f"{PREFIX}budget:{key}"], args=[limit, _at(expires_at)]))
+
+    @_answers
+    def use_once(self, key: str, *, expires_at: int) -> bool:
+        if expires_at <= self._clock():
+            return True  # as in the other backends: a key already past its end is never remembered
+        return bool(self._redis.set(f"{PREFIX}once:{key}", 1, nx=True, exat=_at(expires_at)))
+
+    def close(self) -> None:
+        self._redis.close()
+
+    # Decoding, with the keep-until checked against this store's clock
+
+    def _task(self, record: bytes | str | None, done: bytes | str | None) -> TaskRecord | None:
+        if record is None:
+            return None
+        data: dict[str, Any] = json.loads(record)
+        if data["deadline"] + RETENTION_SECONDS <= self._clock():
+            return None
+        data["targets"] = tuple(TaskTarget(t["target"], frozenset(t["scopes"])) for t in data["targets"])
+        if done is not None:
+            data.update(json.loads(done))
+        return TaskRecord(**data)
+
+    def _subject(self, value: bytes | str | None) -> SubjectRevocation | None:
+        if value is None:
+            return None
+        data: dict[str, Any] = json.loads(value)
+        keep_until = data["keep_until"]
+        if keep_until is not None and keep_until <= self._clock():
+            return None
+        return SubjectRevocation(**data["revocation"])
+
+
+def _task_keys(task_id: str) -> list[str]:
+    return [f"{PREFIX}task:{task_id}", f"{PREFIX}task-done:{task_id}"]
+
+
+def _at(timestamp: float) -> int:
+    """An EXAT Redis accepts: at least 1 (an instant in the past expires the key at once)."""
+    return min(max(int(timestamp), 1), _LATEST_EXPIRY)
+
+
+def _json(record: TaskRecord | ExceptionGrant) -> str:
+    data = dataclasses.asdict(record)
+    data.pop("completed_at", None)  # a task's completion lives in its own key
+    data.pop("completed_by", None)
+    return json.dumps(data, default=sorted, separators=(",", ":"))
+
+
+def _exception(member: bytes | str) -> ExceptionGrant:
+    data: dict[str, Any] = json.loads(member)
+    return ExceptionGrant(**{**data, "scopes": frozenset(data["scopes"])})

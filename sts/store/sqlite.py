@@ -1,0 +1,369 @@
+"""``sqlite:///abs/path``: the embedded default store, one file shared by every worker process.
+
+Owns the SQLite schema and the JSON form of records in it. The file is in WAL mode with
+``synchronous=NORMAL`` (readers never wait for the writer; a power cut may lose the last commits, an
+application crash loses nothing). Each thread has its own connection; processes meet at the file, so
+every check-and-set (counters, budgets, ``use_once``, creation, completion) is one atomic statement
+(``INSERT … ON CONFLICT DO UPDATE … WHERE … RETURNING``, SQLite ≥ 3.35), never a read then a write.
+
+Every row carries ``expires_at`` (NULL: kept forever); reads ignore rows past it and writes delete them
+at most once per :data:`SWEEP_INTERVAL` seconds per store, so the file stays bounded.
+
+Imports only ``sts.store`` of the project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sts.store import (
+    RETENTION_SECONDS,
+    AlreadyExists,
+    ExceptionGrant,
+    StoreUnavailable,
+    SubjectRevocation,
+    TaskRecord,
+    TaskTarget,
+    TokenState,
+)
+
+# Expired rows are deleted by a write at most this often (per store object, so per worker process).
+SWEEP_INTERVAL = 60
+# Bumped when the schema changes; a file written by a newer build is refused rather than misread.
+SCHEMA_VERSION = 1
+
+_TABLES = ("tasks", "revoked_jti", "subject_revocations", "exceptions", "counters", "once")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, record TEXT NOT NULL, completed_at INTEGER, completed_by TEXT,
+    expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked_jti (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS subject_revocations (
+    spiffe_id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at INTEGER);
+CREATE TABLE IF NOT EXISTS exceptions (
+    id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, created_at INTEGER NOT NULL, record TEXT NOT NULL,
+    expires_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS exceptions_by_workload ON exceptions (spiffe_id, created_at);
+CREATE TABLE IF NOT EXISTS counters (
+    key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS once (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+""" + "".join(f"CREATE INDEX IF NOT EXISTS {t}_expiry ON {t} (expires_at);\n" for t in _TABLES)
+
+# ?1 key, ?2 expires_at, ?3 now: a live row counts on, an expired one starts again at 1.
+_COUNT = """
+INSERT INTO counters (key, value, expires_at) VALUES (?1, 1, ?2)
+ON CONFLICT (key) DO UPDATE SET
+    value = CASE WHEN counters.expires_at > ?3 THEN counters.value + 1 ELSE 1 END,
+    expires_at = excluded.expires_at
+RETURNING value
+"""
+# As _COUNT, but a live row at ?4 (the limit) is left alone and nothing is returned.
+_TAKE = _COUNT.replace("RETURNING", "WHERE counters.expires_at <= ?3 OR counters.value < ?4\nRETURNING")
+_USE_ONCE = """
+INSERT INTO once (key, expires_at) VALUES (?1, ?2)
+ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE once.expires_at <= ?3
+RETURNING 1
+"""
+# Ids are taken while their row is live; an expired row may be replaced (as in the memory store).
+_CREATE_TASK = """
+INSERT INTO tasks (id, record, completed_at, completed_by, expires_at) VALUES (?1, ?2, NULL, NULL, ?3)
+ON CONFLICT (id) DO UPDATE SET
+    record = excluded.record, completed_at = NULL, completed_by = NULL, expires_at = excluded.expires_at
+WHERE tasks.expires_at <= ?4
+RETURNING 1
+"""
+_ADD_EXCEPTION = """
+INSERT INTO exceptions (id, spiffe_id, created_at, record, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (id) DO UPDATE SET
+    spiffe_id = excluded.spiffe_id, created_at = excluded.created_at, record = excluded.record,
+    expires_at = excluded.expires_at
+WHERE exceptions.expires_at <= ?6
+RETURNING 1
+"""
+# One statement, one snapshot: the three things that can make a token inactive.
+_TOKEN_STATE = """
+SELECT j.jti, t.record, t.completed_at, t.completed_by, s.record
+FROM (SELECT 1)
+LEFT JOIN revoked_jti AS j ON j.jti = ?1 AND j.expires_at > ?4
+LEFT JOIN tasks AS t ON t.id = ?2 AND t.expires_at > ?4
+LEFT JOIN subject_revocations AS s ON s.spiffe_id = ?3 AND (s.expires_at IS NULL OR s.expires_at > ?4)
+"""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+_Method = Callable[Concatenate["SqliteStore", _P], _R]
+
+
+def _answers(method: _Method[_P, _R]) -> _Method[_P, _R]:
+    """Turn every SQLite failure (locked past the busy timeout, I/O, corruption) into StoreUnavailable."""
+
+    @functools.wraps(method)
+    def guarded(self: SqliteStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
+
+    return guarded
+
+
+class _PerThread(threading.local):
+    conn: sqlite3.Connection | None = None
+    pid: int = 0
+
+
+class SqliteStore:
+    """The :class:`~sts.store.Store` in one SQLite file; safe across threads and processes.
+
+    ``busy_timeout`` bounds how long a call waits for another process's write lock before it fails
+    with StoreUnavailable.
+    """
+
+    def __init__(
+        self, path: Path, *, clock: Callable[[], float] = time.time, busy_timeout: float = 5.0
+    ) -> None:
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            raise StoreUnavailable(f"SQLite {sqlite3.sqlite_version} is too old; 3.35 or newer is needed")
+        self.path = path
+        self._clock = clock
+        self._busy_timeout = busy_timeout
+        self._local = _PerThread()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        self._next_sweep = 0.0
+        try:
+            _create_private(path)
+        except OSError as exc:
+            raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
+        self._open_schema()
+
+    @_answers
+    def _open_schema(self) -> None:
+        conn = self._conn()
+        conn.execute("PRAGMA journal_mode = WAL")
+        with _immediate(conn):
+            version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            if version > SCHEMA_VERSION:
+                newer = f"schema version {version} is newer than this build's {SCHEMA_VERSION}"
+                raise StoreUnavailable(f"sqlite {self.path}: {newer}")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @_answers
+    def ping(self) -> None:
+        self._conn().execute("SELECT count(*) FROM sqlite_master").fetchall()
+
+    # Tasks
+
+    @_answers
+    def create_task(self, task: TaskRecord) -> None:
+        conn, now = self._writer()
+        keep = task.deadline + RETENTION_SECONDS
+        if not conn.execute(_CREATE_TASK, (task.id, _json(task), keep, now)).fetchall():
+            raise AlreadyExists(task.id)
+
+    @_answers
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT record, completed_at, completed_by FROM tasks WHERE id = ? AND expires_at > ?",
+                (task_id, self._clock()),
+            )
+            .fetchall()
+        )
+        return _task(*rows[0]) if rows else None
+
+    @_answers
+    def complete_task(self, task_id: str, *, at: int, by: str) -> TaskRecord | None:
+        conn, now = self._writer()
+        # The condition on completed_at makes the first completion win, whichever process it came from.
+        conn.execute(
+            "UPDATE tasks SET completed_at = ?, completed_by = ?"
+            " WHERE id = ? AND expires_at > ? AND completed_at IS NULL",
+            (at, by, task_id, now),
+        )
+        return self.get_task(task_id)
+
+    # Revocation
+
+    @_answers
+    def revoke_jti(self, jti: str, *, expires_at: int) -> None:
+        conn, _ = self._writer()
+        conn.execute(
+            "INSERT INTO revoked_jti (jti, expires_at) VALUES (?, ?) ON CONFLICT (jti)"
+            " DO UPDATE SET expires_at = max(revoked_jti.expires_at, excluded.expires_at)",
+            (jti, expires_at),
+        )
+
+    @_answers
+    def revoke_subject(self, revocation: SubjectRevocation, *, keep_until: int | None) -> None:
+        conn, _ = self._writer()
+        conn.execute(
+            "INSERT OR REPLACE INTO subject_revocations (spiffe_id, record, expires_at) VALUES (?, ?, ?)",
+            (revocation.spiffe_id, _json(revocation), keep_until),
+        )
+
+    @_answers
+    def subject_revocation(self, spiffe_id: str) -> SubjectRevocation | None:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT record FROM subject_revocations"
+                " WHERE spiffe_id = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (spiffe_id, self._clock()),
+            )
+            .fetchall()
+        )
+        return _subject(rows[0][0]) if rows else None
+
+    @_answers
+    def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
+        jti_row, task, done_at, done_by, subject = (
+            self._conn().execute(_TOKEN_STATE, (jti, task_id, spiffe_id, self._clock())).fetchall()[0]
+        )
+        return TokenState(
+            jti_revoked=jti_row is not None,
+            task=_task(task, done_at, done_by) if task is not None else None,
+            subject_revocation=_subject(subject) if subject is not None else None,
+        )
+
+    # Break-glass exceptions
+
+    @_answers
+    def add_exception(self, grant: ExceptionGrant) -> None:
+        conn, now = self._writer()
+        keep = grant.expires_at + RETENTION_SECONDS
+        values = (grant.id, grant.spiffe_id, grant.created_at, _json(grant), keep, now)
+        if not conn.execute(_ADD_EXCEPTION, values).fetchall():
+            raise AlreadyExists(grant.id)
+
+    @_answers
+    def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:
+        now = self._clock()
+        if spiffe_id is None:
+            query = "SELECT record FROM exceptions WHERE expires_at > ? ORDER BY created_at, id"
+            rows = self._conn().execute(query, (now,)).fetchall()
+        else:
+            query = (
+                "SELECT record FROM exceptions WHERE spiffe_id = ? AND expires_at > ? ORDER BY created_at, id"
+            )
+            rows = self._conn().execute(query, (spiffe_id, now)).fetchall()
+        return [_exception(record) for (record,) in rows]
+
+    # Counters shared by every process
+
+    @_answers
+    def count_in_window(self, key: str, *, window: int, now: float) -> int:
+        conn, current = self._writer()
+        slot = int(now // window)
+        rows = conn.execute(_COUNT, (f"window:{key}:{slot}", (slot + 1) * window, current)).fetchall()
+        return int(rows[0][0])
+
+    @_answers
+    def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:
+        if limit <= 0:
+            return False
+        conn, now = self._writer()
+        return bool(conn.execute(_TAKE, (f"budget:{key}", expires_at, now, limit)).fetchall())
+
+    @_answers
+    def use_once(self, key: str, *, expires_at: int) -> bool:
+        conn, now = self._writer()
+        return bool(conn.execute(_USE_ONCE, (key, expires_at, now)).fetchall())
+
+    def close(self) -> None:
+        """Close every thread's connection; later calls raise StoreUnavailable."""
+        self._closed = True
+        with self._all_lock:
+            connections, self._all = self._all, []
+        for conn in connections:
+            conn.close()
+
+    # Connections and housekeeping
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and again in a forked child: never shared)."""
+        local = self._local
+        if self._closed:
+            raise StoreUnavailable(f"sqlite {self.path}: store closed")
+        if local.conn is None or local.pid != os.getpid():
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA synchronous = NORMAL")
+            local.conn, local.pid = conn, os.getpid()
+            with self._all_lock:
+                self._all.append(conn)
+        return local.conn
+
+    def _writer(self) -> tuple[sqlite3.Connection, float]:
+        """The connection and the time for a write, after deleting expired rows if one is due."""
+        conn, now = self._conn(), self._clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            with _immediate(conn):
+                for table in _TABLES:
+                    conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))  # noqa: S608
+        return conn, now
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the write lock up front, so it never fails half-way on an upgrade."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _create_private(path: Path) -> None:
+    """Create the parent directory and an empty database file readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+# The JSON form of records. A task's completion lives in its own columns so it can be set atomically.
+
+
+def _json(record: TaskRecord | SubjectRevocation | ExceptionGrant) -> str:
+    return json.dumps(dataclasses.asdict(record), default=sorted, separators=(",", ":"))
+
+
+def _task(record: str, completed_at: int | None, completed_by: str | None) -> TaskRecord:
+    data: dict[str, Any] = json.loads(record)
+    data["targets"] = tuple(TaskTarget(t["target"], frozenset(t["scopes"])) for t in data["targets"])
+    data.update(completed_at=completed_at, completed_by=completed_by)
+    return TaskRecord(**data)
+
+
+def _subject(record: str) -> SubjectRevocation:
+    return SubjectRevocation(**json.loads(record))
+
+
+def _exception(record: str) -> ExceptionGrant:
+    data: dict[str, Any] = json.loads(record)
+    return ExceptionGrant(**{**data, "scopes": frozenset(data["scopes"])})

@@ -1,0 +1,85 @@
+"""JSON endpoints: tasks (``/tasks``) and the admin kill switches and exceptions (``/admin/...``).
+
+Every call authenticates with the caller's JWT-SVID (``Authorization: Bearer``); admin calls also
+need an admin SPIFFE ID. Views only parse and render; the rules live in ``sts.tasks`` and ``sts.admin``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from sts.admin import exception_json
+from sts.callers import Caller
+from sts.errors import InvalidRequest
+from sts.tasks import task_json
+from sts.web.oauth import services
+
+resources = Blueprint("resources", __name__)
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+def _caller() -> Caller:
+    return services().callers.authenticate(request.headers.get("Authorization"))
+
+
+def _admin() -> Caller:
+    caller = _caller()
+    services().callers.require_admin(caller)
+    return caller
+
+
+def _json_body() -> Any:
+    if request.mimetype != JSON_CONTENT_TYPE:
+        raise InvalidRequest(f"the body must be {JSON_CONTENT_TYPE}")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise InvalidRequest("the body is not valid JSON")
+    return body
+
+
+@resources.post("/tasks")
+def create_task() -> Response:
+    caller = _caller()
+    task = services().tasks.create(caller, _json_body(), request_id=g.request_id)
+    response = jsonify(task_json(task, task.created_at))
+    response.status_code = 201
+    response.headers["Location"] = f"/tasks/{task.id}"
+    return response
+
+
+@resources.get("/tasks/<task_id>")
+def get_task(task_id: str) -> Response:
+    caller = _caller()
+    return jsonify(task_json(services().tasks.get(caller, task_id), time.time()))
+
+
+@resources.post("/tasks/<task_id>/complete")
+def complete_task(task_id: str) -> Response:
+    caller = _caller()
+    task = services().tasks.complete(caller, task_id, request_id=g.request_id)
+    return jsonify(task_json(task, time.time()))
+
+
+@resources.post("/admin/revocations")
+def admin_revocation() -> Response:
+    caller = _admin()
+    return jsonify(services().admin.revoke(caller, _json_body(), request_id=g.request_id))
+
+
+@resources.post("/admin/exceptions")
+def grant_exception() -> Response:
+    caller = _admin()
+    grant = services().admin.grant_exception(caller, _json_body(), request_id=g.request_id)
+    response = jsonify(exception_json(grant, grant.created_at))
+    response.status_code = 201
+    return response
+
+
+@resources.get("/admin/exceptions")
+def list_exceptions() -> Response:
+    _admin()
+    return jsonify({"exceptions": services().admin.list_exceptions()})
