@@ -85,7 +85,13 @@ ADMIN = "spiffe://example.org/ops/sts-admin"
 
 
 def write_config(
-    directory: Path, port: int, example: TestAuthority, partner: TestAuthority, *, store: str | None = None
+    directory: Path,
+    port: int,
+    example: TestAuthority,
+    partner: TestAuthority,
+    *,
+    store: str | None = None,
+    issuer: str | None = None,
 ) -> Path:
     """A complete server configuration in ``directory`` (bundles, policies, catalog)."""
     (directory / "policies").mkdir(parents=True, exist_ok=True)
@@ -94,7 +100,7 @@ def write_config(
     partner.write_bundle(directory / "partner.test.json")
     config = directory / "sts.yaml"
     config.write_text(
-        f"issuer: http://{ISSUER_HOST}:{port}\n"
+        f"issuer: {issuer or f'http://{ISSUER_HOST}:{port}'}\n"
         f"listen: {{host: {ISSUER_HOST}, port: {port}}}\n"
         "trust_domains:\n"
         "  example.org: {bundle_file: example.org.json}\n"
@@ -116,10 +122,7 @@ class RunningServer:
     url: str
     directory: Path
     process: subprocess.Popen[bytes]
-
-    @property
-    def issuer(self) -> str:
-        return self.url
+    issuer: str
 
     def audit_lines(self) -> list[str]:
         return (self.directory / "audit.jsonl").read_text().splitlines()
@@ -155,7 +158,10 @@ def running_server(config: Path, port: int) -> Iterator[RunningServer]:
     url = f"http://{ISSUER_HOST}:{port}"
     try:
         wait_ready(url, process)
-        yield RunningServer(url, directory, process)
+        issuer = next(
+            line.split(": ", 1)[1] for line in config.read_text().splitlines() if line.startswith("issuer: ")
+        )
+        yield RunningServer(url, directory, process, issuer)
     finally:
         process.terminate()
         try:

@@ -279,17 +279,27 @@ def test_deadline_passing_ends_the_task_and_its_tokens(
         )
 
 
-def test_rate_limit_per_workload(tmp_path: Path, example_org: TestAuthority, partner_test: TestAuthority) -> None:
+def test_rate_limit_per_workload(
+    tmp_path: Path, example_org: TestAuthority, partner_test: TestAuthority
+) -> None:
     config = write_config(tmp_path, 8443, example_org, partner_test)
-    config.write_text(config.read_text().replace("per_workload_per_second: 1000", "per_workload_per_second: 5"))
+    config.write_text(
+        config.read_text().replace("per_workload_per_second: 1000", "per_workload_per_second: 5")
+    )
     services = build_services(load_settings(config, environ={}))
     svid = example_org.mint(AGENT, services.settings.issuer, now=NOW)
     for _ in range(5):
-        services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+        services.exchange.exchange(
+            request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW
+        )
     with pytest.raises(RateLimited) as limited:
-        services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
+        services.exchange.exchange(
+            request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW
+        )
     assert limited.value.status == 429
     assert limited.value.headers() == {"Retry-After": "1"}
     other = example_org.mint("spiffe://example.org/agent/other", services.settings.issuer, now=NOW)
     services.exchange.exchange(request(other, audience="tool:calc", scope="invoke"), request_id="r", now=NOW)
-    services.exchange.exchange(request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW + 1)
+    services.exchange.exchange(
+        request(svid, audience="tool:calc", scope="invoke"), request_id="r", now=NOW + 1
+    )
