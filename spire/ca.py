@@ -153,7 +153,9 @@ class DevCa:
 
     # Issuing.
 
-    def issue_x509_svid(self, spiffe_id: SpiffeId, ttl: float = DEFAULT_X509_SVID_TTL) -> X509SvidMaterial:
+    def issue_x509_svid(
+        self, spiffe_id: SpiffeId, ttl: float = DEFAULT_X509_SVID_TTL, *, dns_names: Sequence[str] = ()
+    ) -> X509SvidMaterial:
         """A fresh key and leaf certificate for ``spiffe_id`` (X509-SVID.md §4), capped at the CA's expiry.
 
         Leaf: exactly one URI SAN, BasicConstraints cA=false (critical), KeyUsage digitalSignature only
@@ -192,7 +194,10 @@ class DevCa:
                     critical=False,
                 )
                 .add_extension(
-                    x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+                    x509.SubjectAlternativeName(
+                        [x509.UniformResourceIdentifier(str(spiffe_id))]
+                        + [x509.DNSName(n) for n in dns_names]
+                    ),
                     critical=False,
                 )
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

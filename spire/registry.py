@@ -39,7 +39,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 _DURATION = re.compile(r"(\d+)(s|m|h|d)")
 _UNITS: Mapping[str, int] = MappingProxyType({"s": 1, "m": 60, "h": 3600, "d": 86400})
 _TOP_KEYS = frozenset({"trust_domain", "federated_trust_domains", "workloads"})
-_WORKLOAD_KEYS = frozenset({"spiffe_id", "x509_ttl", "jwt_ttl"})
+_WORKLOAD_KEYS = frozenset({"spiffe_id", "x509_ttl", "jwt_ttl", "dns_names"})
+_DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 class RegistryError(ValueError):
@@ -54,6 +55,8 @@ class Workload:
     spiffe_id: SpiffeId
     x509_ttl: int = DEFAULT_X509_TTL
     jwt_ttl: int = DEFAULT_JWT_TTL
+    dns_names: tuple[str, ...] = ()
+    """Extra DNS SANs on the X.509-SVID (as SPIRE's ``dns_names``), e.g. ``localhost`` for a TLS server."""
 
     def __post_init__(self) -> None:
         if _NAME.fullmatch(self.name) is None:
@@ -177,7 +180,12 @@ class _Parser:
             )
         x509_ttl = self._duration(f"{path}.x509_ttl", fields.get("x509_ttl"), DEFAULT_X509_TTL, MIN_X509_TTL)
         jwt_ttl = self._duration(f"{path}.jwt_ttl", fields.get("jwt_ttl"), DEFAULT_JWT_TTL, 1)
-        return Workload(name, spiffe_id, x509_ttl, jwt_ttl)
+        dns_names = fields.get("dns_names", [])
+        if not isinstance(dns_names, list) or not all(
+            isinstance(n, str) and _DNS_NAME.fullmatch(n) for n in dns_names
+        ):
+            self._fail(f"{path}.dns_names", "must be a list of lowercase DNS names")
+        return Workload(name, spiffe_id, x509_ttl, jwt_ttl, tuple(dns_names))
 
     def _federated(self, value: Any) -> tuple[TrustDomain, ...]:
         path = "federated_trust_domains"

@@ -197,7 +197,7 @@ class IdentityState:
 
     def _issue(self, workload: Workload) -> X509SvidMaterial:
         return self._cas[workload.spiffe_id.trust_domain].issue_x509_svid(
-            workload.spiffe_id, workload.x509_ttl
+            workload.spiffe_id, workload.x509_ttl, dns_names=workload.dns_names
         )
 
     def _bump(self) -> None:

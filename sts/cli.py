@@ -103,6 +103,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     services = build_services(settings, connect=False)  # checks everything; workers connect themselves
     services.close()
+    if settings.listen.tls is not None:
+        from sts.web.tls import TlsApplication
+
+        log.info("serving %s with TLS on %s", settings.issuer, settings.listen.tls.public_url)
+        TlsApplication(args.config.resolve(), settings).run()
+        return EXIT_OK
     os.environ[CONFIG_ENV] = str(args.config.resolve())
     log.info(
         "serving %s on http://%s:%s with %d workers",

@@ -38,9 +38,21 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """The TLS (and mTLS) listener: the certificate is the server's X.509-SVID from the Workload API
+    (``cert``/``key`` None, rotated without restart) or a file pair; client certificates are optional
+    and verified as X.509-SVIDs against their own trust domain's bundle."""
+
+    cert: Path | None
+    key: Path | None
+    public_url: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListenSettings:
     host: str = "127.0.0.1"
     port: int = 8443
+    tls: TlsSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,7 @@ class TokenSettings:
     max_ttl: int = DEFAULT_MAX_TTL_SECONDS
     svid_leeway: int = 30
     max_svid_bytes: int = 8192
+    max_delegation_depth: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,11 +334,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     port = listen_section.get("port", int, 8443)
     if not 0 <= port <= 65535:
         listen_section.fail(listen_section.key("port"), "must be a TCP port (0-65535)")
-    if listen_section.has("tls"):
-        # Refused rather than ignored: an https issuer served over plain HTTP would be a silent downgrade.
-        listen_section.fail(
-            listen_section.key("tls"), "is not supported by this version; terminate TLS in front"
-        )
+    tls = _tls(listen_section.section("tls"), base, host, port) if listen_section.has("tls") else None
     listen_section.done()
 
     issuer = top.get("issuer", str, f"http://{host}:{port}")
@@ -334,6 +343,10 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     trust_domains = _trust_domains(top.section("trust_domains"), base)
 
     workload_api = _workload_api(top.section("workload_api"), env, trust_domains)
+    if tls is not None and tls.cert is None and workload_api.socket is None:
+        top.fail(
+            "listen.tls.certificate", "workload-api needs workload_api.socket (or SPIFFE_ENDPOINT_SOCKET)"
+        )
 
     keys_section = top.section("keys")
     keys = KeySettings(
@@ -354,6 +367,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         max_ttl=tokens_section.duration("max_ttl", DEFAULT_MAX_TTL_SECONDS),
         svid_leeway=tokens_section.get("svid_leeway", int, 30),
         max_svid_bytes=tokens_section.positive("max_svid_bytes", 8192),
+        max_delegation_depth=tokens_section.positive("max_delegation_depth", 3),
     )
     if not 0 <= tokens.svid_leeway <= 300:
         tokens_section.fail(tokens_section.key("svid_leeway"), "must be between 0 and 300 seconds")
@@ -398,7 +412,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
 
     return Settings(
         issuer=issuer,
-        listen=ListenSettings(host=host, port=port),
+        listen=ListenSettings(host=host, port=port, tls=tls),
         trust_domains=trust_domains,
         workload_api=workload_api,
         keys=keys,
@@ -426,6 +440,21 @@ def _store_url(section: _Section, base: Path) -> str:
         section.fail(section.key("url"), "must be sqlite:///path, redis://host:port/db or memory://")
     section.done()
     return url
+
+
+def _tls(section: _Section, base: Path, host: str, port: int) -> TlsSettings:
+    """``tls: {certificate: workload-api}`` or ``tls: {cert: FILE, key: FILE}``, optional ``public_url``."""
+    source = section.get("certificate", str, "")
+    cert, key = section.path_value("cert", base), section.path_value("key", base)
+    if source not in ("", "workload-api"):
+        section.fail(section.key("certificate"), "must be workload-api (or give cert and key files)")
+    if bool(source) == bool(cert or key) or (cert is None) != (key is None):
+        section.fail(section.path, "needs either certificate: workload-api or both cert and key")
+    public_url = section.get("public_url", str, f"https://{host}:{port}")
+    if urlsplit(public_url).scheme != "https":
+        section.fail(section.key("public_url"), "must be an https URL")
+    section.done()
+    return TlsSettings(cert=cert, key=key, public_url=public_url.rstrip("/"))
 
 
 def _workload_api(

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 import spire
 from spire.registry import Registry
@@ -108,37 +110,65 @@ def run(state_dir: Path, port: int, registration: Path = DEMO_REGISTRATION) -> i
 
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_rotate)
+    config = dev_config(registry, api, state_dir, port)
     config_path = state_dir / "sts.yaml"
-    config_path.write_text(yaml.safe_dump(dev_config(registry, api, state_dir, port), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # The same STS (same issuer, keys, store, policies) on a second port, with TLS and client certificates.
+    tls_port = port + 1
+    tls_config = {
+        **config,
+        "listen": {
+            "host": "127.0.0.1",
+            "port": tls_port,
+            "tls": {"certificate": "workload-api", "public_url": f"https://localhost:{tls_port}"},
+        },
+    }
+    tls_config_path = state_dir / "sts-tls.yaml"
+    tls_config_path.write_text(yaml.safe_dump(tls_config, sort_keys=False))
+    server_ca = b"".join(
+        c.public_bytes(serialization.Encoding.PEM)
+        for c in api.state.ca(registry.trust_domain).x509_authorities()
+    ).decode("ascii")
     description_path = state_dir / "dev.json"
-    child = subprocess.Popen([sys.executable, "-m", "sts.cli", "serve", "--config", str(config_path)])  # noqa: S603
+    children = [
+        subprocess.Popen([sys.executable, "-m", "sts.cli", "serve", "--config", str(path)])  # noqa: S603
+        for path in (config_path, tls_config_path)
+    ]
     try:
-        if not _wait_ready(port, child, stop):
+        ready = _wait_ready(f"http://127.0.0.1:{port}/readyz", children[0], stop, None) and _wait_ready(
+            f"https://localhost:{tls_port}/readyz", children[1], stop, server_ca
+        )
+        if not ready:
             return 1 if not stop.is_set() else 0
-        _write_atomically(description_path, json.dumps(dev_description(registry, api, port), indent=2) + "\n")
+        description = dev_description(registry, api, port) | {
+            "mtls_token_endpoint": f"https://localhost:{tls_port}/token",
+            "server_ca": server_ca,
+        }
+        _write_atomically(description_path, json.dumps(description, indent=2) + "\n")
         _print_welcome(description_path, api, port)
         while not stop.wait(0.5):
-            if child.poll() is not None:
-                log.error("the STS exited with %s; stopping", child.returncode)
+            if any(child.poll() is not None for child in children):
+                log.error("an STS process exited; stopping")
                 return 1
         return 0
     finally:
         description_path.unlink(missing_ok=True)
-        _stop_child(child)
+        for child in children:
+            _stop_child(child)
         api.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _wait_ready(port: int, child: subprocess.Popen[bytes], stop: threading.Event) -> bool:
+def _wait_ready(url: str, child: subprocess.Popen[bytes], stop: threading.Event, ca: str | None) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    url = f"http://127.0.0.1:{port}/readyz"
+    context = ssl.create_default_context(cadata=ca) if ca else None
     while time.monotonic() < deadline and not stop.is_set():
         if child.poll() is not None:
             log.error("the STS exited with %s before it was ready", child.returncode)
             return False
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:  # noqa: S310 (loopback)
                 if response.status == 200:
                     return True
         except (urllib.error.URLError, OSError):

@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+
 from sts.audit import AuditLog
+from sts.binding import DpopProof, DpopVerifier, certificate_thumbprint
 from sts.catalog import Catalog, CatalogEntry, is_scope_token
 from sts.config import LimitSettings
 from sts.errors import (
@@ -35,7 +38,7 @@ from sts.keys import KeyRing
 from sts.policy import Policy, PolicyRequest, TaskFacts
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import RETENTION_SECONDS, Store, TaskRecord
-from sts.svid import JwtSvidVerifier, VerifiedJwtSvid
+from sts.svid import JwtSvidVerifier, X509SvidVerifier
 from sts.tasks import TaskService
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 CLIENT_ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
 REQUESTABLE_TOKEN_TYPES = (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT)
+PARTY_TOKEN_TYPES = (TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN)
 MULTI_VALUED = frozenset({"audience", "resource"})
 MIN_LIFETIME_SECONDS = 1
 # Parameters that end up in tokens and audit lines are bounded; tokens are bounded by the verifier.
@@ -68,6 +72,9 @@ class ExchangeRequest:
     client_id: str | None = None
     client_assertion: str | None = None
     client_assertion_type: str | None = None
+    # Set by the HTTP layer, never from the form: the DPoP header and the TLS client certificate chain.
+    dpop_proof: str | None = None
+    client_certificates: tuple[x509.Certificate, ...] = ()
 
     @classmethod
     def from_form(cls, form: Mapping[str, Sequence[str]]) -> ExchangeRequest:
@@ -126,11 +133,23 @@ class IssuedToken:
 
 
 @dataclass(frozen=True, slots=True)
+class Party:
+    """A verified subject or actor: from a JWT-SVID, or from a token we issued (``audience`` set)."""
+
+    spiffe_id: SpiffeId
+    expiry: int
+    act: dict[str, Any] | None = None
+    audience: str | None = None
+    may_act: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClientIdentity:
-    """Who called, when the client authenticated (draft-ietf-oauth-spiffe-client-auth)."""
+    """Who called, when the client authenticated (draft-ietf-oauth-spiffe-client-auth); ``x5t`` for mTLS."""
 
     spiffe_id: SpiffeId
     method: str
+    x5t: str | None = None
 
 
 @dataclass(slots=True)
@@ -157,7 +176,17 @@ class TokenExchange:
         store: Store,
         tasks: TaskService,
         limits: LimitSettings,
+        dpop: DpopVerifier,
+        x509: X509SvidVerifier,
+        token_urls: tuple[str, ...],
+        issued_claims: Callable[[str, float], dict[str, Any] | None],
+        max_delegation_depth: int,
     ) -> None:
+        self.issued_claims = issued_claims
+        self.max_delegation_depth = max_delegation_depth
+        self.dpop = dpop
+        self.x509 = x509
+        self.token_urls = token_urls
         self.store = store
         self.tasks = tasks
         self.limits = limits
@@ -211,27 +240,30 @@ class TokenExchange:
         )
 
     def _exchange(self, request: ExchangeRequest, trail: _Trail, now: float) -> IssuedToken:
-        if request.grant_type != GRANT_TYPE_TOKEN_EXCHANGE:
-            raise UnsupportedGrantType(f"only {GRANT_TYPE_TOKEN_EXCHANGE} is supported here")
-        if request.subject_token is None:
-            raise InvalidRequest("missing parameter 'subject_token'")
-        if request.subject_token_type is None:
-            raise InvalidRequest("missing parameter 'subject_token_type'")
-        if request.subject_token_type != TOKEN_TYPE_JWT:
-            raise InvalidRequest(f"subject_token_type must be {TOKEN_TYPE_JWT} (a JWT-SVID)")
-        if request.requested_token_type not in REQUESTABLE_TOKEN_TYPES:
-            raise InvalidRequest("requested_token_type must be " + " or ".join(REQUESTABLE_TOKEN_TYPES))
-
+        _check_shape(request)
         client = self._authenticate_client(request, now)
         if client is not None:
             trail.fields.update(client_id=str(client.spiffe_id), client_auth=client.method)
+        dpop = (
+            self.dpop.verify(request.dpop_proof, method="POST", urls=self.token_urls, now=now)
+            if request.dpop_proof is not None
+            else None
+        )
+        cnf = _confirmation(dpop, client)
+        binding = "dpop" if dpop else ("mtls" if cnf else "none")
+        if cnf:
+            trail.fields["binding"] = binding
 
-        subject = self._verify(request.subject_token, "subject_token", now)
+        assert request.subject_token is not None and request.subject_token_type is not None  # noqa: S101 (_check_shape)
+        subject = self._party(request.subject_token, request.subject_token_type, "subject_token", now)
         trail.fields["spiffe_id"] = str(subject.spiffe_id)
         self._check_rate(subject.spiffe_id, now)
         actor = self._verify_actor(request, now)
         if actor is not None:
             trail.fields["actor"] = str(actor.spiffe_id)
+        act = self._delegation(subject, actor)
+        if act is not None:
+            trail.fields["act"] = act
         client_id = self._check_client_binding(request, client, subject, actor)
         for party, parameter in ((subject, "subject_token"), (actor, "actor_token")):
             if party is not None:
@@ -266,6 +298,8 @@ class TokenExchange:
                 client_auth=client.method if client else "none",
                 task=_task_facts(task),
                 actor=actor.spiffe_id if actor else None,
+                actors=frozenset(_chain(act)),
+                binding=binding,
                 break_glass=exception is not None,
             )
         )
@@ -299,6 +333,8 @@ class TokenExchange:
             task,
             requested_token_type=request.requested_token_type,
             client_id=client_id,
+            cnf=cnf,
+            act=act,
             policy_ttl=decision.ttl_seconds,
             trail=trail,
             now=now,
@@ -308,12 +344,14 @@ class TokenExchange:
         self,
         entry: CatalogEntry,
         scopes: frozenset[str],
-        subject: VerifiedJwtSvid,
-        actor: VerifiedJwtSvid | None,
+        subject: Party,
+        actor: Party | None,
         task: TaskRecord | None,
         *,
         requested_token_type: str,
         client_id: str,
+        cnf: dict[str, str],
+        act: dict[str, Any] | None,
         policy_ttl: int | None,
         trail: _Trail,
         now: float,
@@ -343,16 +381,17 @@ class TokenExchange:
         }
         if task is not None:
             claims["task_id"] = task.id
-        if actor is not None:
-            # RFC 8693 §4.1. Only the verified actor: an ``act`` chain the actor asserts about itself is not
-            # evidence of earlier delegation, so it is never copied into our tokens.
-            claims["act"] = {"sub": str(actor.spiffe_id)}
+        if cnf:
+            claims["cnf"] = cnf
+        if act is not None:
+            claims["act"] = act
         token = self.keys.sign(entry.token_class, claims)
         trail.fields.update(jti=jti, exp=expires_at, kid=self.keys.active(entry.token_class).kid)
         return IssuedToken(
             access_token=token,
             expires_in=expires_at - issued_at,
             scope=scope,
+            token_type="DPoP" if "jkt" in cnf else "Bearer",
             issued_token_type=requested_token_type,
             jti=jti,
         )
@@ -373,8 +412,18 @@ class TokenExchange:
             raise InvalidRequest(f"{parameter}: access of this workload has been revoked by an administrator")
 
     def _authenticate_client(self, request: ExchangeRequest, now: float) -> ClientIdentity | None:
-        """``jwt-spiffe`` client assertion: a JWT-SVID whose only audience is this issuer."""
-        if request.client_assertion is None and request.client_assertion_type is None:
+        """mTLS with an X.509-SVID, or a ``jwt-spiffe`` client assertion (a JWT-SVID for this issuer only)."""
+        assertion = request.client_assertion is not None or request.client_assertion_type is not None
+        if request.client_certificates:
+            if assertion:
+                raise InvalidRequest("authenticate the client one way: TLS certificate or client assertion")
+            try:
+                certificate = self.x509.verify(request.client_certificates, now=now)
+            except InvalidToken as e:
+                raise InvalidClient(f"client certificate: {e.description}", detail=e.detail) from e
+            thumbprint = certificate_thumbprint(certificate.leaf)
+            return ClientIdentity(certificate.spiffe_id, "spiffe_x509", thumbprint)
+        if not assertion:
             return None
         if request.client_assertion is None or request.client_assertion_type is None:
             raise InvalidClient("client_assertion and client_assertion_type go together")
@@ -395,8 +444,8 @@ class TokenExchange:
         self,
         request: ExchangeRequest,
         client: ClientIdentity | None,
-        subject: VerifiedJwtSvid,
-        actor: VerifiedJwtSvid | None,
+        subject: Party,
+        actor: Party | None,
     ) -> str:
         """The ``client_id`` of the token: the authenticated client, else the subject workload itself.
 
@@ -418,20 +467,90 @@ class TokenExchange:
             raise InvalidClient("the authenticated client is neither the subject nor the actor")
         return str(client.spiffe_id)
 
-    def _verify_actor(self, request: ExchangeRequest, now: float) -> VerifiedJwtSvid | None:
+    def _verify_actor(self, request: ExchangeRequest, now: float) -> Party | None:
         if request.actor_token is None and request.actor_token_type is None:
             return None
         if request.actor_token is None or request.actor_token_type is None:
             raise InvalidRequest("actor_token and actor_token_type go together (RFC 8693 §2.1)")
-        if request.actor_token_type != TOKEN_TYPE_JWT:
-            raise InvalidRequest(f"actor_token_type must be {TOKEN_TYPE_JWT} (a JWT-SVID)")
-        return self._verify(request.actor_token, "actor_token", now)
+        if request.actor_token_type not in PARTY_TOKEN_TYPES:
+            raise InvalidRequest("actor_token_type must be " + " or ".join(PARTY_TOKEN_TYPES))
+        return self._party(request.actor_token, request.actor_token_type, "actor_token", now)
 
-    def _verify(self, token: str, parameter: str, now: float) -> VerifiedJwtSvid:
+    def _party(self, token: str, token_type: str, parameter: str, now: float) -> Party:
+        """A JWT-SVID, or an active token this server issued (delegation: it brings its ``act`` chain)."""
+        if token_type == TOKEN_TYPE_ACCESS_TOKEN:
+            claims = self.issued_claims(token, now)
+            if claims is None:
+                raise InvalidRequest(f"{parameter}: not an active token issued by this server")
+            return Party(
+                spiffe_id=SpiffeId.parse(claims["sub"]),
+                expiry=int(claims["exp"]),
+                act=claims.get("act"),
+                audience=claims["aud"],
+                may_act=claims.get("may_act"),
+            )
         try:
-            return self.verifier.verify(token, now=now)
+            svid = self.verifier.verify(token, now=now)
         except InvalidToken as e:
             raise e.for_parameter(parameter) from e
+        may_act = svid.claims.get("may_act")
+        return Party(svid.spiffe_id, svid.expiry, may_act=may_act if isinstance(may_act, dict) else None)
+
+    def _delegation(self, subject: Party, actor: Party | None) -> dict[str, Any] | None:
+        """RFC 8693 §4.1/§4.4: the new ``act``: this actor, with the chain the subject token carried inside.
+
+        A token we issued can be a subject only for delegation, and only by a workload that serves its
+        audience (the one it was sent to) or that its ``may_act`` names. Chains are bounded in depth.
+        """
+        if actor is None:
+            if subject.audience is not None:
+                raise InvalidRequest("a token issued by this server is a subject only with an actor_token")
+            return None
+        if subject.may_act is not None and subject.may_act.get("sub") != str(actor.spiffe_id):
+            raise InvalidRequest("the subject token's may_act does not name this actor")
+        if subject.audience is not None and subject.may_act is None:
+            entry = self.catalog.get(subject.audience)
+            if entry is None or actor.spiffe_id not in entry.resource_servers:
+                raise InvalidRequest("only a service the subject token was issued to may act with it")
+        act: dict[str, Any] = {"sub": str(actor.spiffe_id)}
+        if subject.act is not None:
+            act["act"] = subject.act
+        if len(_chain(act)) > self.max_delegation_depth:
+            raise InvalidRequest(f"the delegation chain is longer than {self.max_delegation_depth} actors")
+        return act
+
+
+def _check_shape(request: ExchangeRequest) -> None:
+    """RFC 8693 §2.1: the grant, the subject token and the token types this server handles."""
+    if request.grant_type != GRANT_TYPE_TOKEN_EXCHANGE:
+        raise UnsupportedGrantType(f"only {GRANT_TYPE_TOKEN_EXCHANGE} is supported here")
+    if request.subject_token is None:
+        raise InvalidRequest("missing parameter 'subject_token'")
+    if request.subject_token_type is None:
+        raise InvalidRequest("missing parameter 'subject_token_type'")
+    if request.subject_token_type not in PARTY_TOKEN_TYPES:
+        raise InvalidRequest("subject_token_type must be " + " or ".join(PARTY_TOKEN_TYPES))
+    if request.requested_token_type not in REQUESTABLE_TOKEN_TYPES:
+        raise InvalidRequest("requested_token_type must be " + " or ".join(REQUESTABLE_TOKEN_TYPES))
+
+
+def _chain(act: Mapping[str, Any] | None) -> list[str]:
+    """Every actor of a nested ``act`` claim, current first (only our own signed claims get here)."""
+    actors: list[str] = []
+    while isinstance(act, Mapping) and isinstance(act.get("sub"), str):
+        actors.append(act["sub"])
+        act = act.get("act")
+    return actors
+
+
+def _confirmation(dpop: DpopProof | None, client: ClientIdentity | None) -> dict[str, str]:
+    """RFC 9449 §6 ``jkt`` and RFC 8705 §3.1 ``x5t#S256``: every key the holder proved it has."""
+    cnf: dict[str, str] = {}
+    if dpop is not None:
+        cnf["jkt"] = dpop.jkt
+    if client is not None and client.x5t is not None:
+        cnf["x5t#S256"] = client.x5t
+    return cnf
 
 
 def _task_facts(task: TaskRecord | None) -> TaskFacts | None:

@@ -83,6 +83,7 @@ class PolicyRequest:
     binding: str = "none"
     task: TaskFacts | None = None
     actor: SpiffeId | None = None
+    actors: frozenset[str] = frozenset()
     break_glass: bool = False
 
     def __post_init__(self) -> None:
@@ -590,6 +591,7 @@ def _context(request: PolicyRequest) -> dict[str, Any]:
         "client_auth": request.client_auth,
         "binding": request.binding,
         "break_glass": request.break_glass,
+        "actors": sorted(request.actors),
     }
     if request.task is not None:
         task = request.task

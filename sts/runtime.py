@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sts.admin import Admin
 from sts.audit import AuditLog
+from sts.binding import DpopVerifier
 from sts.callers import CallerAuthenticator
 from sts.config import Settings
 from sts.errors import ConfigError, TemporarilyUnavailable
@@ -20,7 +21,7 @@ from sts.keys import KeyRing
 from sts.policy import CedarPolicy
 from sts.store import Store, StoreUnavailable
 from sts.store.factory import open_store
-from sts.svid import JwtSvidVerifier
+from sts.svid import JwtSvidVerifier, X509SvidVerifier
 from sts.tasks import TaskService
 from sts.trust import BundleError, BundleSource, FileBundleSource, TrustStore
 from sts.workload_api import WorkloadApiBundleSource, WorkloadApiWatcher
@@ -76,7 +77,11 @@ def build_trust_store(settings: Settings, *, connect: bool) -> tuple[TrustStore,
     of forked workers must not hold gRPC threads.
     """
     watcher = None
-    if any(entry.workload_api for entry in settings.trust_domains) and settings.workload_api.socket:
+    tls = settings.listen.tls
+    wanted = any(entry.workload_api for entry in settings.trust_domains) or (
+        tls is not None and tls.cert is None
+    )
+    if wanted and settings.workload_api.socket:
         watcher = WorkloadApiWatcher(
             settings.workload_api.socket, max_staleness=settings.workload_api.max_staleness
         )
@@ -133,6 +138,9 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         leeway_seconds=settings.tokens.svid_leeway,
         max_token_bytes=settings.tokens.max_svid_bytes,
     )
+    introspection = Introspection(
+        issuer=settings.issuer, keys=keys, store=store, catalog=settings.catalog, audit=audit
+    )
     exchange = TokenExchange(
         issuer=settings.issuer,
         verifier=verifier,
@@ -144,6 +152,12 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         store=store,
         tasks=tasks,
         limits=settings.limits,
+        dpop=DpopVerifier(use_once=lambda key, expires_at: store.use_once(key, expires_at=expires_at)),
+        x509=X509SvidVerifier(trust),
+        issued_claims=introspection.active_claims,
+        max_delegation_depth=settings.tokens.max_delegation_depth,
+        token_urls=(f"{settings.issuer}/token",)
+        + ((f"{settings.listen.tls.public_url}/token",) if settings.listen.tls else ()),
     )
     return Services(
         settings=settings,
@@ -155,9 +169,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         store=store,
         callers=CallerAuthenticator(verifier, settings.admins),
         tasks=tasks,
-        introspection=Introspection(
-            issuer=settings.issuer, keys=keys, store=store, catalog=settings.catalog, audit=audit
-        ),
+        introspection=introspection,
         admin=Admin(
             store=store, catalog=settings.catalog, audit=audit, max_token_ttl=settings.tokens.max_ttl
         ),

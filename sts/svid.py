@@ -19,11 +19,13 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ec import (
     SECP256R1,
     SECP384R1,
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import (
     EllipticCurvePublicKey,
 )
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from jwt.algorithms import Algorithm, ECAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 
 from sts.errors import InvalidToken
@@ -311,3 +314,76 @@ def _key_fits(key: JwtAuthority, algorithm: _Algorithm) -> bool:
 def _is_number(value: Any) -> bool:
     """A JSON number (RFC 7519 NumericDate); ``true``/``false`` are not numbers even though Python says so."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+X509_RULES: tuple[str, ...] = ("x509_san", "x509_leaf", "trust_domain", "x509_chain")
+"""Every rule :class:`X509SvidVerifier` refuses by, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedX509Svid:
+    """A client certificate that is a valid X.509-SVID of a trusted trust domain."""
+
+    spiffe_id: SpiffeId
+    leaf: x509.Certificate
+
+
+class X509SvidVerifier:
+    """X509-SVID.md §5: SPIFFE leaf rules, then RFC 5280 path validation against the bundle of the leaf's
+    own trust domain only (never a merged store of every domain's CAs)."""
+
+    def __init__(self, trust: TrustStore) -> None:
+        self._trust = trust
+
+    def verify(self, chain: Sequence[x509.Certificate], *, now: float | None = None) -> VerifiedX509Svid:
+        """``chain``: leaf first, then the intermediates the client sent; InvalidToken names the rule."""
+        if not chain:
+            raise InvalidToken("x509_chain", "no client certificate")
+        leaf = chain[0]
+        spiffe_id = _x509_spiffe_id(leaf)
+        _check_x509_leaf(leaf)
+        bundle = self._trust.bundle_for(spiffe_id.trust_domain)
+        if bundle is None or not bundle.x509_authorities:
+            raise InvalidToken("trust_domain", "the certificate's trust domain is not trusted by this server")
+        when = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
+        verifier = (
+            PolicyBuilder().store(Store(list(bundle.x509_authorities))).time(when).build_client_verifier()
+        )
+        try:
+            verifier.verify(leaf, list(chain[1:]))
+        except VerificationError as e:
+            reason = "the certificate does not chain to its trust domain's authorities"
+            raise InvalidToken("x509_chain", reason, detail=str(e)) from e
+        return VerifiedX509Svid(spiffe_id, leaf)
+
+
+def _x509_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
+    """X509-SVID.md §2: exactly one URI SAN, a SPIFFE ID with a path."""
+    try:
+        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) != 1:
+        raise InvalidToken("x509_san", "an X.509-SVID has exactly one URI SAN")
+    try:
+        spiffe_id = SpiffeId.parse(uris[0])
+    except SpiffeIdError as e:
+        raise InvalidToken("x509_san", f"the URI SAN is not a SPIFFE ID: {e}") from e
+    if not spiffe_id.path:
+        raise InvalidToken("x509_san", "a leaf SVID's SPIFFE ID must name a workload (have a path)")
+    return spiffe_id
+
+
+def _check_x509_leaf(leaf: x509.Certificate) -> None:
+    """X509-SVID.md §4.1, §4.3: not a CA; key usage present with digitalSignature, no certificate signing."""
+    try:
+        constraints = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as e:
+        raise InvalidToken("x509_leaf", "a leaf SVID needs basic constraints and key usage") from e
+    if constraints.ca:
+        raise InvalidToken("x509_leaf", "a CA certificate cannot be a client SVID")
+    if not usage.digital_signature or usage.key_cert_sign or usage.crl_sign:
+        raise InvalidToken("x509_leaf", "a leaf SVID's key usage is digitalSignature, never cert signing")

@@ -51,6 +51,15 @@ class _StreamHealth:
     last_error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class OwnSvid:
+    """The server's X.509-SVID: leaf-first chain and key; ``version`` grows with every rotation."""
+
+    version: int
+    chain: tuple[x509.Certificate, ...]
+    private_key: Any
+
+
 class WorkloadApiWatcher:
     """The process's connection to the Workload API; thread-safe, reconnects by itself."""
 
@@ -70,6 +79,7 @@ class WorkloadApiWatcher:
         self._jwt: Mapping[TrustDomain, Mapping[str, JwtAuthority]] = {}
         self._x509: Mapping[TrustDomain, tuple[x509.Certificate, ...]] = {}
         self._bundles: Mapping[TrustDomain, TrustBundle] = {}
+        self._own_svid: OwnSvid | None = None
         self._health = {"jwt": _StreamHealth("JWT bundles"), "x509": _StreamHealth("X.509 bundles")}
         self._threads: list[threading.Thread] = []
 
@@ -202,8 +212,18 @@ class WorkloadApiWatcher:
                 authorities[trust_domain] = tuple(bundle.x509_authorities)
         with self._lock:
             self._x509 = authorities
+            self._own_svid = OwnSvid(
+                version=self._own_svid.version + 1 if self._own_svid else 1,
+                chain=tuple(context.default_svid.cert_chain),
+                private_key=context.default_svid.private_key,
+            )
             self._rebuild()
             self._delivered("x509")
+
+    def own_svid(self) -> OwnSvid | None:
+        """This server's own X.509-SVID (its TLS certificate), the newest the stream delivered."""
+        with self._lock:
+            return self._own_svid
 
     def _rebuild(self) -> None:
         """Join the latest JWT and X.509 authorities per trust domain (caller holds the lock)."""

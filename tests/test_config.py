@@ -84,7 +84,9 @@ def test_defaults_trust_nothing(tmp_path: Path) -> None:
         ("log_level: loud\n", "'log_level' must be one of"),
         ("trust_domains:\n  example.org: {bundle: workload-api}\n", "'workload_api.socket' is needed"),
         ("workload_api: {socket: /tmp/agent.sock}\n", "'workload_api.socket' must be unix:///"),
-        ("listen: {tls: {cert: c.pem, key: k.pem}}\n", "'listen.tls' is not supported by this version"),
+        ("listen: {tls: {cert: c.pem}}\n", "'listen.tls' needs either certificate: workload-api or both"),
+        ("listen: {tls: {certificate: workload-api}}\n", "workload-api needs workload_api.socket"),
+        ("listen: {tls: {certificate: files}}\n", "'listen.tls.certificate' must be workload-api"),
         (
             "trust_domains:\n  example.org: {bundle_file: a.json}\n  spiffe://example.org: {bundle_file: b.json}\n",
             "names trust domain example.org a second time",
@@ -118,7 +120,9 @@ def test_defaults_trust_nothing(tmp_path: Path) -> None:
         "bad-log-level",
         "workload-api-without-socket",
         "socket-not-unix-uri",
-        "tls-refused-not-ignored",
+        "tls-cert-without-key",
+        "tls-svid-without-socket",
+        "tls-bad-certificate-source",
         "same-trust-domain-twice",
     ],
 )

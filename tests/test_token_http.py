@@ -196,7 +196,12 @@ def refusals(example: TestAuthority, issuer: str) -> list[tuple[str, Any, int, s
         ),
         (
             "wrong-subject-type",
-            form(good, subject_token_type=ACCESS_TOKEN_TYPE, audience="tool:calc", scope="invoke"),
+            form(
+                good,
+                subject_token_type="urn:ietf:params:oauth:token-type:saml2",
+                audience="tool:calc",
+                scope="invoke",
+            ),
             400,
             "invalid_request",
             "subject_token_type",

@@ -153,7 +153,16 @@ class SqliteStore:
     @_answers
     def _open_schema(self) -> None:
         conn = self._conn()
-        conn.execute("PRAGMA journal_mode = WAL")
+        # WAL is a property of the file: set it once. Switching needs an exclusive lock that SQLite does not
+        # wait for, so when several processes open a new file together, retry until one of them has set it.
+        deadline = time.monotonic() + self._busy_timeout
+        while conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         with _immediate(conn):
             version = conn.execute("PRAGMA user_version").fetchall()[0][0]
             if version > SCHEMA_VERSION:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -9,11 +10,13 @@ from urllib.parse import parse_qsl
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 
+from sts.binding import DPOP_ALGORITHMS, InvalidDpopProof
 from sts.catalog import TokenClass
 from sts.errors import InvalidRequest, RequestTooLarge, StsError
 from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE, ExchangeRequest
 from sts.runtime import Services
 from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
+from sts.web.tls import client_certificate_chain
 
 oauth = Blueprint("oauth", __name__)
 
@@ -44,7 +47,14 @@ def token() -> Response:
 
 
 def _parse_token_request() -> ExchangeRequest:
-    return ExchangeRequest.from_form(read_form())
+    proofs = request.headers.getlist("DPoP")
+    if len(proofs) > 1:
+        raise InvalidDpopProof("send at most one DPoP header")
+    return dataclasses.replace(
+        ExchangeRequest.from_form(read_form()),
+        dpop_proof=proofs[0] if proofs else None,
+        client_certificates=client_certificate_chain(request.environ),
+    )
 
 
 def read_form() -> dict[str, list[str]]:
@@ -104,6 +114,7 @@ def metadata() -> Response:
     """RFC 8414 authorization server metadata: every endpoint this server offers."""
     settings = services().settings
     issuer = settings.issuer
+    tls = settings.listen.tls
     scopes = sorted({scope for entry in settings.catalog for scope in entry.scopes})
     response = jsonify(
         {
@@ -112,13 +123,17 @@ def metadata() -> Response:
             "jwks_uri": f"{issuer}/jwks.json",
             "introspection_endpoint": f"{issuer}/introspect",
             "revocation_endpoint": f"{issuer}/revoke",
-            "introspection_endpoint_auth_methods_supported": ["spiffe_jwt"],
-            "revocation_endpoint_auth_methods_supported": ["spiffe_jwt"],
+            "introspection_endpoint_auth_methods_supported": ["spiffe_jwt"]
+            + (["spiffe_x509"] if tls else []),
+            "revocation_endpoint_auth_methods_supported": ["spiffe_jwt"] + (["spiffe_x509"] if tls else []),
+            "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
+            "tls_client_certificate_bound_access_tokens": True,
             "tool_jwks_uri": f"{issuer}/jwks/tool.json",
             "data_jwks_uri": f"{issuer}/jwks/data.json",
             "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
             "response_types_supported": [],
-            "token_endpoint_auth_methods_supported": ["none", "spiffe_jwt"],
+            "token_endpoint_auth_methods_supported": ["none", "spiffe_jwt"]
+            + (["spiffe_x509"] if tls else []),
             "token_endpoint_auth_signing_alg_values_supported": sorted(JWT_SVID_ALGORITHMS),
             "client_assertion_types_supported": [CLIENT_ASSERTION_TYPE_JWT_SPIFFE],
             "scopes_supported": scopes,

@@ -1,0 +1,371 @@
+"""In-process measurements: the crypto ceiling, the cost of each exchange stage, the verifier slot, a profile.
+
+Every stage calls the very objects one exchange uses, built by ``sts.runtime.build_services`` from the
+bench's own config, so a stage here is the same code as in the server minus HTTP and contention.
+Timings are wall-clock medians of several timed batches on one thread (one core).
+"""
+
+from __future__ import annotations
+
+import base64
+import cProfile
+import importlib.util
+import io
+import pstats
+import secrets
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from sts.catalog import TokenClass
+from sts.config import load_settings
+from sts.exchange import ExchangeRequest
+from sts.policy import PolicyRequest
+from sts.runtime import Services, build_services
+
+
+def time_us(fn: Callable[[], object], *, batch_s: float = 0.2, repeats: int = 5) -> float:
+    """Median µs per call over ``repeats`` batches of about ``batch_s`` seconds each."""
+    fn()  # warm: first-call imports and caches do not count
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < batch_s / 4:
+        fn()
+        calls += 1
+    per_batch = max(1, int(calls * 4 * batch_s / (time.perf_counter() - started) / 4))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(per_batch):
+            fn()
+        samples.append((time.perf_counter() - t0) / per_batch * 1e6)
+    return float(statistics.median(samples))
+
+
+def _b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    """The crypto one exchange needs: one ES256 verify (of a JWT-SVID) and one ES256 sign."""
+
+    verify_us: float
+    sign_us: float
+
+    @property
+    def per_s_per_core(self) -> float:
+        return 1e6 / (self.verify_us + self.sign_us)
+
+
+def crypto_ceiling(svid: str, public_key: ec.EllipticCurvePublicKey, *, repeats: int = 5) -> Ceiling:
+    """``cryptography`` directly, with the JWS r||s ↔ DER conversions a JOSE library must also do."""
+    signing_input, _, signature = svid.rpartition(".")
+    message = signing_input.encode()
+    raw = _b64url_decode(signature)
+    algorithm = ec.ECDSA(hashes.SHA256())
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    token_input = message  # same size class as an issued at+jwt's header.payload
+
+    def verify() -> None:
+        der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+        public_key.verify(der, message, algorithm)
+
+    def sign() -> bytes:
+        r, s = decode_dss_signature(private_key.sign(token_input, algorithm))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    return Ceiling(verify_us=time_us(verify, repeats=repeats), sign_us=time_us(sign, repeats=repeats))
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierContext:
+    """What a resource-server verifier needs to check a token we issued: the token and where keys are."""
+
+    access_token: str
+    jwks: dict[str, Any]
+    issuer: str
+    audience: str
+
+
+def verifier_us(context: VerifierContext) -> tuple[float | None, str]:
+    """µs per ``TokenVerifier.verify`` on a warm cache (issue 7 §3). THE ONE FUNCTION TO FILL IN.
+
+    ``sts/verify.py`` (the resource-server library) belongs to another issue. When it lands, build its
+    verifier over ``context.jwks`` (or a JWKS URL serving it), call it once to warm its cache, and
+    return ``time_us(lambda: verifier.verify(context.access_token)), "warm cache"``.
+    """
+    if importlib.util.find_spec("sts.verify") is None:
+        return None, "sts/verify.py does not exist yet (another issue); slot left empty"
+    return None, "sts.verify exists but bench.inprocess.verifier_us is not written for its API yet"
+
+
+def _scopes(scope: str) -> frozenset[str]:
+    """RFC 6749 §3.3 scope tokens, as the exchange splits them."""
+    return frozenset(scope.split(" ")) - {""}
+
+
+def _form(body: str) -> dict[str, list[str]]:
+    """What ``sts.web.oauth.read_form`` does after reading the body (no Flask here)."""
+    form: dict[str, list[str]] = {}
+    for name, value in parse_qsl(body, keep_blank_values=True, strict_parsing=False):
+        form.setdefault(name, []).append(value)
+    return form
+
+
+def _wsgi_call(services: Services, body: str) -> Callable[[], object]:
+    """One whole ``POST /token`` through Flask's WSGI app, in-process (no server, no socket)."""
+    from werkzeug.test import EnvironBuilder
+
+    from sts.web.app import create_app
+
+    app = create_app(services)
+    environ = EnvironBuilder(
+        path="/token", method="POST", data=body.encode(), content_type="application/x-www-form-urlencoded"
+    ).get_environ()
+    payload = body.encode()
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
+        statuses.append(status)
+
+    def call() -> object:
+        env = dict(environ)
+        env["wsgi.input"] = io.BytesIO(payload)
+        result = app(env, start_response)
+        try:
+            chunks = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if not statuses[-1].startswith("200"):
+            raise RuntimeError(f"in-process POST /token answered {statuses[-1]}: {chunks[:200]!r}")
+        return chunks
+
+    return call
+
+
+def stages(config: Path, body: str) -> tuple[dict[str, float], dict[str, float]]:
+    """µs per stage of one valid exchange (no task): (in context, isolated).
+
+    In context: the whole ``POST /token`` runs through Flask's WSGI app in a loop while each stage
+    method of the very objects the exchange holds is timed where it is called (caches as cold or warm
+    as they really are). Isolated: each stage alone in a tight loop (a lower bound: hot caches).
+    """
+    services = build_services(load_settings(config))
+    try:
+        isolated = _isolated_stages(services, body)
+        in_context = _stages_in_context(services, body)
+    finally:
+        services.close()
+    in_context["parse_form"] = isolated["parse_form"]
+    return in_context, isolated
+
+
+# Stage name → (which object of the exchange, which of its methods). The objects are the exchange's own.
+_STAGE_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("svid_verify", "verifier", "verify"),
+    ("store", "store", "count_in_window"),
+    ("store", "store", "subject_revocation"),
+    ("store", "store", "exceptions"),
+    ("store", "store", "take_budget"),
+    ("policy", "policy", "decide"),
+    ("sign", "keys", "sign"),
+    ("audit", "audit", "record"),
+)
+
+
+def _stages_in_context(services: Services, body: str, calls: int = 3000) -> dict[str, float]:
+    exchange = services.exchange
+    spent: dict[str, float] = {}
+    patched: list[tuple[object, str]] = []
+
+    def timed(stage: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[stage] = spent.get(stage, 0.0) + time.perf_counter() - t0
+
+        return wrapper
+
+    targets = [(stage, getattr(exchange, owner), name) for stage, owner, name in _STAGE_METHODS]
+    targets.append(("exchange_total", exchange, "exchange"))
+    call = _wsgi_call(services, body)
+    for _ in range(300):
+        call()
+    try:
+        for stage, owner, name in targets:
+            setattr(owner, name, timed(stage, getattr(owner, name)))  # an instance attribute shadows the method
+            patched.append((owner, name))
+        samples: list[tuple[float, dict[str, float]]] = []
+        for _ in range(5):
+            spent.clear()
+            t0 = time.perf_counter()
+            for _ in range(calls // 5):
+                call()
+            samples.append((time.perf_counter() - t0, dict(spent)))
+    finally:
+        for owner, name in patched:
+            delattr(owner, name)
+    per_call = calls // 5
+    # The batch whose total is the median, so the stages add up to the totals printed with them.
+    wall, split = sorted(samples, key=lambda sample: sample[0])[len(samples) // 2]
+    result = {stage: seconds / per_call * 1e6 for stage, seconds in split.items()}
+    result["wsgi_total"] = wall / per_call * 1e6
+    staged = ("svid_verify", "store", "policy", "sign", "audit")
+    result["exchange_other"] = result["exchange_total"] - sum(result.get(k, 0.0) for k in staged)
+    result["flask_wsgi_and_form"] = result["wsgi_total"] - result["exchange_total"]
+    return {k: round(v, 1) for k, v in result.items()}
+
+
+def _isolated_stages(services: Services, body: str) -> dict[str, float]:
+    exchange = services.exchange
+    store = services.store
+    request = ExchangeRequest.from_form(_form(body))
+    assert request.subject_token is not None
+    token = request.subject_token
+    subject = exchange.verifier.verify(token)
+    spiffe_id = str(subject.spiffe_id)
+    entry = exchange.catalog.resolve(request.audiences, request.resources)
+    scopes = exchange.catalog.check_scopes(entry, _scopes(request.scope))
+    now = int(time.time())
+    policy_request = PolicyRequest(principal=subject.spiffe_id, target=entry, scopes=scopes, now=now)
+    decision = services.policy.decide(policy_request)
+    assert decision.allowed, decision.reason
+    claims = {
+        "iss": exchange.issuer,
+        "sub": spiffe_id,
+        "aud": entry.id,
+        "client_id": spiffe_id,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 200,
+        "jti": secrets.token_urlsafe(16),
+        "scope": " ".join(sorted(scopes)),
+        "token_class": entry.token_class.value,
+    }
+    event = {
+        "event": "token_exchange",
+        "decision": "allow",
+        "request_id": "0123456789abcdef",
+        "spiffe_id": spiffe_id,
+        "target": entry.id,
+        "token_class": entry.token_class.value,
+        "scopes": sorted(scopes),
+        "policy_ids": list(decision.policy_ids),
+        "jti": claims["jti"],
+        "exp": claims["exp"],
+        "kid": services.keys.active(TokenClass(entry.token_class)).kid,
+    }
+    result = {
+        "parse_form": time_us(lambda: ExchangeRequest.from_form(_form(body))),
+        "svid_verify": time_us(lambda: exchange.verifier.verify(token)),
+        "store_rate_counter": time_us(
+            lambda: store.count_in_window(f"rate:{spiffe_id}", window=1, now=time.time())
+        ),
+        "store_revocation_read": time_us(lambda: store.subject_revocation(spiffe_id)),
+        "store_exceptions_read": time_us(lambda: store.exceptions(spiffe_id)),
+        "catalog_and_scopes": time_us(
+            lambda: exchange.catalog.check_scopes(
+                exchange.catalog.resolve(request.audiences, request.resources), _scopes(request.scope)
+            )
+        ),
+        "policy": time_us(lambda: services.policy.decide(policy_request)),
+        "sign": time_us(lambda: services.keys.sign(entry.token_class, claims)),
+        "audit": time_us(lambda: services.audit.record(event)),
+        "exchange_total": time_us(lambda: exchange.exchange(request, request_id="0123456789abcdef")),
+    }
+    result["store"] = sum(result[k] for k in ("store_rate_counter", "store_revocation_read", "store_exceptions_read"))
+    return {k: round(v, 1) for k, v in result.items()}
+
+
+def issued_token(config: Path, body: str) -> VerifierContext:
+    """One token issued in-process, with the JWKS and names a resource server would be configured with."""
+    services = build_services(load_settings(config))
+    try:
+        request = ExchangeRequest.from_form(_form(body))
+        issued = services.exchange.exchange(request, request_id="bench-verifier")
+        target = request.audiences[0] if request.audiences else request.resources[0]
+        return VerifierContext(issued.access_token, dict(services.keys.jwks()), services.settings.issuer, target)
+    finally:
+        services.close()
+
+
+# Profile: where the CPU goes inside one process, grouped by the library that spends it.
+
+_PACKAGES = (
+    ("cryptography", "cryptography (OpenSSL)"),
+    ("/jwt/", "PyJWT"),
+    ("cedarpy", "Cedar (cedarpy)"),
+    ("sqlite3", "SQLite"),
+    ("/flask/", "Flask"),
+    ("/werkzeug/", "Werkzeug"),
+    ("/sts/", "sts (our code)"),
+    ("json", "json"),
+    ("spiffe", "py-spiffe"),
+)
+
+
+def _package(filename: str, name: str) -> str:
+    where = f"{filename} {name}"
+    for needle, label in _PACKAGES:
+        if needle in where:
+            return label
+    return "stdlib/other"
+
+
+def profile(config: Path, body: str, *, calls: int = 3000, wsgi: bool = True) -> dict[str, Any]:
+    """cProfile over ``calls`` whole requests; self time grouped by package, and the top functions."""
+    services = build_services(load_settings(config))
+    try:
+        if wsgi:
+            call = _wsgi_call(services, body)
+        else:
+            request = ExchangeRequest.from_form(_form(body))
+
+            def call() -> object:
+                return services.exchange.exchange(request, request_id="0123456789abcdef")
+
+        for _ in range(200):
+            call()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            call()
+        profiler.disable()
+    finally:
+        services.close()
+    stats = pstats.Stats(profiler)
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    by_package: dict[str, float] = {}
+    total = 0.0
+    functions: list[tuple[float, float, str]] = []
+    for (filename, line, name), (_cc, _nc, tottime, cumtime, _callers) in raw.items():
+        label = _package(filename, name)
+        by_package[label] = by_package.get(label, 0.0) + tottime
+        total += tottime
+        short = filename.split("site-packages/")[-1].split("/work/main/")[-1]
+        functions.append((tottime, cumtime, f"{short}:{line}({name})"))
+    functions.sort(reverse=True)
+    return {
+        "what": "WSGI app call (Flask + exchange)" if wsgi else "TokenExchange.exchange",
+        "calls": calls,
+        "us_per_call_profiled": round(total / calls * 1e6, 1),
+        "self_us_per_call_by_package": {
+            k: round(v / calls * 1e6, 1) for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])
+        },
+        "top_self": [
+            {"us_per_call": round(t / calls * 1e6, 2), "cum_us_per_call": round(c / calls * 1e6, 2), "function": f}
+            for t, c, f in functions[:25]
+        ],
+    }

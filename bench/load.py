@@ -1,0 +1,228 @@
+"""The load generator: ``wrk`` (Debian package ``wrk``) with ``bench/load.lua`` over a file of bodies.
+
+wrk runs in its own process on the same cores as the server; its CPU time is measured (``wait4``)
+and reported with every run, so the share of the machine it took is visible. wrk is closed-loop:
+N keep-alive connections, each sends its next request when the previous answer arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.ours import PoolRequest, cpu_seconds, process_tree
+
+LUA = Path(__file__).with_name("load.lua")
+
+
+class GeneratorMissing(RuntimeError):
+    pass
+
+
+def wrk_binary() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise GeneratorMissing(
+            "wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`; "
+            "bench/ needs it as its load generator"
+        )
+    return path
+
+
+def wrk_version() -> str:
+    done = subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True, check=False)
+    return (done.stdout + done.stderr).strip().splitlines()[0]
+
+
+def write_requests(path: Path, pool: Sequence[PoolRequest]) -> Path:
+    """The TSV the Lua script reads: id, kind, status, needle, body (bodies are URL-encoded: no tabs)."""
+    with path.open("w") as out:
+        for item in pool:
+            out.write(f"{item.request_id}\t{item.kind}\t{item.status}\t{item.needle}\t{item.body}\n")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """One wrk run at ``connections`` connections for ``seconds``."""
+
+    connections: int
+    seconds: float
+    requests: int
+    valid_ok: int
+    refused_ok: int
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    generator_cpu_s: float
+    server_cpu_s: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exchanges_per_s(self) -> float:
+        return self.valid_ok / self.seconds
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 1.0
+
+    @property
+    def server_cpu_us_per_request(self) -> float:
+        return 1e6 * self.server_cpu_s / self.requests if self.requests else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections,
+            "seconds": round(self.seconds, 3),
+            "requests": self.requests,
+            "valid_ok": self.valid_ok,
+            "refused_ok": self.refused_ok,
+            "errors": self.errors,
+            "exchanges_per_s": round(self.exchanges_per_s, 1),
+            "requests_per_s": round(self.requests_per_s, 1),
+            "p50_ms": self.p50_ms,
+            "p90_ms": self.p90_ms,
+            "p99_ms": self.p99_ms,
+            "max_ms": self.max_ms,
+            "error_rate": round(self.error_rate, 6),
+            "generator_cores": round(self.generator_cpu_s / self.seconds, 3),
+            "server_cores": round(self.server_cpu_s / self.seconds, 3),
+            "server_cpu_us_per_request": round(self.server_cpu_us_per_request, 1),
+            **self.detail,
+        }
+
+
+def run_wrk(
+    url: str,
+    requests_file: Path,
+    *,
+    connections: int,
+    seconds: float,
+    server_pid: int | None = None,
+    threads: int = 1,
+    timeout_s: int = 5,
+) -> LoadResult:
+    """One closed-loop run; counts only answers that match what each request should get."""
+    command = [
+        wrk_binary(),
+        f"-t{min(threads, connections)}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        f"--timeout={timeout_s}s",
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        str(requests_file),
+    ]
+    pids = process_tree(server_pid) if server_pid else []
+    server_before = cpu_seconds(pids)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # wait4 gives the generator's own CPU time: how much of the shared cores the load itself took.
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.stdout is not None and process.stderr is not None
+    out, err = process.stdout.read().decode(), process.stderr.read().decode()
+    server_after = cpu_seconds(pids)
+    line = next((x for x in out.splitlines() if x.startswith("BENCH_RESULT ")), None)
+    if process.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
+    data = json.loads(line.removeprefix("BENCH_RESULT "))
+    correct: dict[str, int] = data["correct"]
+    socket_errors = data["socket_errors"]
+    wall = data["duration_us"] / 1e6
+    valid_ok = correct.get("valid", 0)
+    refused_ok = sum(n for kind, n in correct.items() if kind != "valid")
+    # connect/read/write errors and timeouts are errors; answers we could not match to a request too.
+    errors = data["wrong"] + data["unmatched"] + sum(socket_errors.values())
+    return LoadResult(
+        connections=connections,
+        seconds=wall,
+        requests=data["requests"],
+        valid_ok=valid_ok,
+        refused_ok=refused_ok,
+        errors=errors,
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        max_ms=data["max_us"] / 1000,
+        generator_cpu_s=usage.ru_utime + usage.ru_stime,
+        server_cpu_s=server_after - server_before,
+        detail={
+            "correct_by_kind": correct,
+            "socket_errors": socket_errors,
+            "wrong": data["wrong"],
+            "unmatched": data["unmatched"],
+            **({"wrong_sample": data["wrong_sample"]} if data["wrong_sample"] else {}),
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Medians over the runs at one N (each figure's median on its own)."""
+
+    runs: tuple[LoadResult, ...]
+
+    def median(self, figure: Callable[[LoadResult], float]) -> float:
+        return float(statistics.median(figure(r) for r in self.runs))
+
+    @property
+    def exchanges_per_s(self) -> float:
+        return self.median(lambda r: r.exchanges_per_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exchanges_per_s": round(self.exchanges_per_s, 1),
+            "p50_ms": round(self.median(lambda r: r.p50_ms), 3),
+            "p90_ms": round(self.median(lambda r: r.p90_ms), 3),
+            "p99_ms": round(self.median(lambda r: r.p99_ms), 3),
+            "error_rate": round(self.median(lambda r: r.error_rate), 6),
+            "generator_cores": round(self.median(lambda r: r.generator_cpu_s / r.seconds), 3),
+            "server_cores": round(self.median(lambda r: r.server_cpu_s / r.seconds), 3),
+            "server_cpu_us_per_request": round(self.median(lambda r: r.server_cpu_us_per_request), 1),
+            "runs": [r.to_json() for r in self.runs],
+        }
+
+
+def sweep(
+    url: str,
+    requests_file: Path,
+    *,
+    connections: Sequence[int],
+    seconds: float,
+    repeats: int,
+    server_pid: int | None,
+    log: Callable[[str], None],
+    label: str = "",
+    pause_s: float = 1.0,
+) -> dict[int, Summary]:
+    """Every N ``repeats`` times, interleaved (N=1,16,64, then again) so drift hits every N alike."""
+    results: dict[int, list[LoadResult]] = {n: [] for n in connections}
+    for repeat in range(repeats):
+        for n in connections:
+            result = run_wrk(url, requests_file, connections=n, seconds=seconds, server_pid=server_pid)
+            results[n].append(result)
+            log(
+                f"  {label}N={n:<3} run {repeat + 1}/{repeats}: {result.exchanges_per_s:8.0f} exchanges/s  "
+                f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.error_rate:.2%}  "
+                f"server {result.server_cpu_s / result.seconds:.2f} cores, wrk "
+                f"{result.generator_cpu_s / result.seconds:.2f}"
+                + (f"  [{result.detail['wrong_sample']}]" if "wrong_sample" in result.detail else "")
+            )
+            time.sleep(pause_s)
+    return {n: Summary(tuple(runs)) for n, runs in results.items()}

@@ -1,0 +1,111 @@
+"""Which WSGI server, by measurement: the same Flask app under granian (as ``sts serve`` runs it, and
+with other thread counts) and under gunicorn sync / gthread, same config, same port, same load.
+
+gunicorn is run from this interpreter when importable, else installed into a throwaway directory under
+the bench's temp dir (``pip install --target``) and put on ``PYTHONPATH``: nothing is added to the
+project's environment. It serves ``sts.web.app:create_app_from_env()`` with ``STS_CONFIG`` set, which is
+the factory granian's workers call too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import load, ours
+from tests.authority import TestAuthority
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    kind: str  # "granian" or "gunicorn"
+    server: str = ""  # granian: the config's server: section
+    gunicorn_args: tuple[str, ...] = ()
+
+
+def variants(cores: int) -> list[Variant]:
+    threads = 2 * cores
+    return [
+        Variant(f"granian {cores}w x {threads}t (sts serve default)", "granian"),
+        Variant(f"granian {cores}w x 1t", "granian", server=f"{{workers: {cores}, threads: 1}}"),
+        Variant(f"gunicorn sync {cores}w", "gunicorn", gunicorn_args=("-k", "sync", "-w", str(cores))),
+        Variant(
+            f"gunicorn gthread {cores}w x {threads}t",
+            "gunicorn",
+            gunicorn_args=("-k", "gthread", "-w", str(cores), "--threads", str(threads), "--keep-alive", "5"),
+        ),
+    ]
+
+
+def gunicorn_pythonpath(scratch: Path, log: Callable[[str], None]) -> str | None:
+    """``PYTHONPATH`` that makes gunicorn importable (None: it already is)."""
+    if importlib.util.find_spec("gunicorn") is not None:
+        return None
+    target = scratch / "gunicorn-lib"
+    log(f"installing gunicorn into {target} (throwaway)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), "gunicorn"], check=True
+    )
+    return str(target)
+
+
+def compare(
+    directory: Path,
+    port: int,
+    authority: TestAuthority,
+    requests_file: Path,
+    *,
+    connections: Sequence[int],
+    seconds: float,
+    repeats: int,
+    cores: int,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, object]]:
+    """Every variant in turn on the same port (the SVIDs' audience is the issuer URL)."""
+    url = f"http://{ours.HOST}:{port}"
+    extra_path = None
+    results: dict[str, dict[str, object]] = {}
+    for variant in variants(cores):
+        config = ours.write_config(
+            directory, port, authority, server=variant.server, name=f"sts-{len(results)}.yaml"
+        )
+        env: dict[str, str] = {}
+        if variant.kind == "granian":
+            command = ours.serve_command(config)
+        else:
+            if extra_path is None:
+                extra_path = gunicorn_pythonpath(directory, log) or ""
+            if extra_path:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, os.environ.get("PYTHONPATH")]))
+            env["STS_CONFIG"] = str(config)
+            command = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                *variant.gunicorn_args,
+                "-b",
+                f"{ours.HOST}:{port}",
+                "--log-level",
+                "warning",
+                "sts.web.app:create_app_from_env()",
+            ]
+        log(f"server variant: {variant.name}")
+        with ours.running(command, ready_url=f"{url}/readyz", log=directory / "variants.log", env=env) as process:
+            load.run_wrk(f"{url}/token", requests_file, connections=16, seconds=2)  # warm-up
+            summaries = load.sweep(
+                f"{url}/token",
+                requests_file,
+                connections=connections,
+                seconds=seconds,
+                repeats=repeats,
+                server_pid=process.pid,
+                log=log,
+            )
+        results[variant.name] = {str(n): s.to_json() for n, s in summaries.items()}
+    return results
