@@ -240,7 +240,7 @@ class TokenExchange:
         )
 
     def _exchange(self, request: ExchangeRequest, trail: _Trail, now: float) -> IssuedToken:
-        _check_shape(request)
+        subject_token, subject_token_type = _check_shape(request)
         client = self._authenticate_client(request, now)
         if client is not None:
             trail.fields.update(client_id=str(client.spiffe_id), client_auth=client.method)
@@ -254,8 +254,7 @@ class TokenExchange:
         if cnf:
             trail.fields["binding"] = binding
 
-        assert request.subject_token is not None and request.subject_token_type is not None  # noqa: S101 (_check_shape)
-        subject = self._party(request.subject_token, request.subject_token_type, "subject_token", now)
+        subject = self._party(subject_token, subject_token_type, "subject_token", now)
         trail.fields["spiffe_id"] = str(subject.spiffe_id)
         self._check_rate(subject.spiffe_id, now)
         actor = self._verify_actor(request, now)
@@ -520,7 +519,7 @@ class TokenExchange:
         return act
 
 
-def _check_shape(request: ExchangeRequest) -> None:
+def _check_shape(request: ExchangeRequest) -> tuple[str, str]:
     """RFC 8693 §2.1: the grant, the subject token and the token types this server handles."""
     if request.grant_type != GRANT_TYPE_TOKEN_EXCHANGE:
         raise UnsupportedGrantType(f"only {GRANT_TYPE_TOKEN_EXCHANGE} is supported here")
@@ -532,6 +531,7 @@ def _check_shape(request: ExchangeRequest) -> None:
         raise InvalidRequest("subject_token_type must be " + " or ".join(PARTY_TOKEN_TYPES))
     if request.requested_token_type not in REQUESTABLE_TOKEN_TYPES:
         raise InvalidRequest("requested_token_type must be " + " or ".join(REQUESTABLE_TOKEN_TYPES))
+    return request.subject_token, request.subject_token_type
 
 
 def _chain(act: Mapping[str, Any] | None) -> list[str]:

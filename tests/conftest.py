@@ -48,6 +48,15 @@ when { resource.path like "/agent/*" };
 @ttl("30")
 permit(principal, action in [Action::"tool", Action::"data"], resource) when { context.break_glass };
 
+// Delegation: services may act for the orchestrator on tools; one actor is never trusted.
+@id("delegated-tools")
+permit(principal == Workload::"spiffe://example.org/orchestrator", action in Action::"tool", resource)
+when { context has actor };
+
+@id("never-through-evil")
+forbid(principal, action in [Action::"tool", Action::"data"], resource)
+when { context.actors.contains("spiffe://example.org/agent/evil") };
+
 // The partner's agents may use the web search tool only.
 @id("partner-web-search")
 permit(principal, action == Action::"tool:invoke", resource == Tool::"tool:web-search")
@@ -131,13 +140,15 @@ class RunningServer:
         return [json.loads(line) for line in self.audit_lines()]
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes], timeout: float = 30.0, ca: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if requests.get(f"{url}/readyz", timeout=1, verify=str(ca) if ca else True).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
@@ -146,7 +157,9 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0
 
 
 @contextmanager
-def running_server(config: Path, port: int) -> Iterator[RunningServer]:
+def running_server(
+    config: Path, port: int, *, scheme: str = "http", ca: Path | None = None
+) -> Iterator[RunningServer]:
     """``sts serve --config`` as a real process on loopback until the block ends."""
     directory = config.parent
     log = (directory / "server.log").open("ab")
@@ -155,9 +168,9 @@ def running_server(config: Path, port: int) -> Iterator[RunningServer]:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://{ISSUER_HOST}:{port}"
+    url = f"{scheme}://{ISSUER_HOST if scheme == 'http' else 'localhost'}:{port}"
     try:
-        wait_ready(url, process)
+        wait_ready(url, process, ca=ca)
         issuer = next(
             line.split(": ", 1)[1] for line in config.read_text().splitlines() if line.startswith("issuer: ")
         )
