@@ -18,11 +18,13 @@ from sts.audit import AuditLog
 from sts.callers import Caller
 from sts.catalog import Catalog, is_scope_token
 from sts.errors import InvalidRequest, InvalidScope, InvalidTarget, NotFound
+from sts.introspection import REVOCATION_MARGIN_SECONDS
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import ExceptionGrant, Store, SubjectRevocation
 
 MAX_REASON_CHARS = 500
 MAX_EXCEPTION_SECONDS = 7 * 24 * 3600
+MAX_FUTURE_SECONDS = 366 * 24 * 3600
 
 
 class Admin:
@@ -52,7 +54,9 @@ class Admin:
         result: dict[str, Any] = {"revoked": kind, kind: value, "at": current}
         if kind == "jti":
             # The token's own exp is unknown here; no token lives longer than the global maximum.
-            self._store.revoke_jti(value, expires_at=current + self._max_token_ttl)
+            self._store.revoke_jti(
+                value, expires_at=current + self._max_token_ttl + REVOCATION_MARGIN_SECONDS
+            )
         elif kind == "task_id":
             task = self._store.complete_task(value, at=current, by=str(caller.spiffe_id))
             if task is None:
@@ -61,6 +65,12 @@ class Admin:
         else:
             spiffe_id = _spiffe_id(value, "spiffe_id")
             until = _time(fields.get("until"), "until", after=current) if "until" in fields else None
+            existing = self._store.subject_revocation(str(spiffe_id))
+            if existing is not None and (
+                existing.until is None or (until is not None and existing.until > until)
+            ):
+                # A kill switch only ever grows: a shorter one never lifts a longer or permanent one.
+                until = existing.until
             revocation = SubjectRevocation(str(spiffe_id), current, until, str(caller.spiffe_id), reason)
             # Kept while it blocks issuance, then until every token issued before it has expired.
             keep = None if until is None else max(until, current) + self._max_token_ttl
@@ -165,6 +175,10 @@ def _spiffe_id(value: Any, name: str) -> SpiffeId:
 
 
 def _time(value: Any, name: str, *, after: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= after:
-        raise InvalidRequest(f"{name} must be a future time in epoch seconds")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not after < value <= after + MAX_FUTURE_SECONDS
+    ):
+        raise InvalidRequest(f"{name} must be a future time in epoch seconds, at most a year ahead")
     return value

@@ -9,11 +9,13 @@ Knows nothing of HTTP beyond the header value it is handed; must not import Flas
 
 from __future__ import annotations
 
+import time
 from collections.abc import Set
 from dataclasses import dataclass
 
 from sts.errors import AccessDenied, InvalidCallerToken, InvalidToken
 from sts.spiffeid import SpiffeId
+from sts.store import Store
 from sts.svid import JwtSvidVerifier
 
 BEARER_PREFIX = "bearer "
@@ -30,9 +32,10 @@ class Caller:
 class CallerAuthenticator:
     """Turns an ``Authorization`` header into a :class:`Caller`, or refuses (RFC 6750 ``invalid_token``)."""
 
-    def __init__(self, verifier: JwtSvidVerifier, admins: Set[SpiffeId]) -> None:
+    def __init__(self, verifier: JwtSvidVerifier, admins: Set[SpiffeId], store: Store) -> None:
         self._verifier = verifier
         self._admins = frozenset(admins)
+        self._store = store
 
     def authenticate(self, authorization: str | None, *, now: float | None = None) -> Caller:
         """RFC 6750 §2.1: ``Bearer <JWT-SVID>`` whose audience is this issuer."""
@@ -45,7 +48,15 @@ class CallerAuthenticator:
             svid = self._verifier.verify(token, now=now)
         except InvalidToken as e:
             raise InvalidCallerToken(f"bearer JWT-SVID: {e.description}", detail=e.detail) from e
-        return Caller(svid.spiffe_id, "spiffe_jwt")
+        return self._not_cut_off(Caller(svid.spiffe_id, "spiffe_jwt"), now)
+
+    def _not_cut_off(self, caller: Caller, now: float | None) -> Caller:
+        """The admin kill switch also closes every JSON endpoint to the workload (admins included:
+        recovering a killed admin means waiting for ``until`` or another admin; plan two)."""
+        revocation = self._store.subject_revocation(str(caller.spiffe_id))
+        if revocation is not None and revocation.blocks_issuance(time.time() if now is None else now):
+            raise InvalidCallerToken("access of this workload has been revoked by an administrator")
+        return caller
 
     def is_admin(self, caller: Caller) -> bool:
         return caller.spiffe_id in self._admins

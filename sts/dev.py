@@ -73,6 +73,7 @@ def dev_config(registry: Registry, api: DevWorkloadApi, state_dir: Path, port: i
         "catalog": DEMO_CATALOG,
         "policy": {"dir": str(DEMO_POLICIES)},
         "audit": {"path": str(state_dir / "audit.jsonl")},
+        "server": {"workers": 1},
     }
 
 

@@ -277,14 +277,17 @@ class TokenExchange:
         if request.task_id is not None:
             trail.fields["task_id"] = request.task_id
             task = self.tasks.check_for_exchange(request.task_id, subject.spiffe_id, entry.id, scopes, now)
-        exception = next(
-            (
-                grant
-                for grant in self.store.exceptions(str(subject.spiffe_id))
-                if grant.active(now) and grant.target == entry.id and scopes <= grant.scopes
-            ),
-            None,
-        )
+        # Break-glass is for the named workload itself: never lent to an actor working through it.
+        exception = None
+        if actor is None:
+            exception = next(
+                (
+                    grant
+                    for grant in self.store.exceptions(str(subject.spiffe_id))
+                    if grant.active(now) and grant.target == entry.id and scopes <= grant.scopes
+                ),
+                None,
+            )
         if exception is not None:
             trail.fields["exception_id"] = exception.id
 
@@ -334,6 +337,8 @@ class TokenExchange:
             client_id=client_id,
             cnf=cnf,
             act=act,
+            # Conservative: any token issued while an exception applied ends with the exception.
+            not_after=exception.expires_at if exception is not None else None,
             policy_ttl=decision.ttl_seconds,
             trail=trail,
             now=now,
@@ -351,6 +356,7 @@ class TokenExchange:
         client_id: str,
         cnf: dict[str, str],
         act: dict[str, Any] | None,
+        not_after: int | None,
         policy_ttl: int | None,
         trail: _Trail,
         now: float,
@@ -361,6 +367,8 @@ class TokenExchange:
         # A delegated token lives no longer than either party's SVID.
         # Never past either party's SVID, nor past the task's deadline.
         bounds = [subject.expiry] + ([actor.expiry] if actor else []) + ([task.deadline] if task else [])
+        if not_after is not None:
+            bounds.append(not_after)  # a token opened by an exception ends with it
         expires_at = min(issued_at + min(lifetimes), *bounds)
         if expires_at - issued_at < MIN_LIFETIME_SECONDS:
             raise InvalidRequest("subject_token: expires too soon to issue a token from it")

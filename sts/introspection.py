@@ -13,15 +13,19 @@ Must not import Flask.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from sts.audit import AuditLog
 from sts.callers import Caller
 from sts.catalog import Catalog
 from sts.keys import KeyRing
-from sts.store import Store
+from sts.store import Store, SubjectRevocation
 
-INACTIVE: dict[str, Any] = {"active": False}
+INACTIVE: Mapping[str, Any] = MappingProxyType({"active": False})
+# Revocation records outlive the token a little: replicas' and Redis's clocks may disagree.
+REVOCATION_MARGIN_SECONDS = 60
 # Claims an active introspection response repeats from the token (RFC 7662 §2.2 and ours).
 _REPEATED = (
     "iss",
@@ -38,6 +42,19 @@ _REPEATED = (
     "act",
     "cnf",
 )
+
+
+def _kills(revocation: SubjectRevocation | None, issued_at: int, now: float) -> bool:
+    """A kill switch ends tokens issued before it, and every token while it is in force."""
+    return revocation is not None and (issued_at <= revocation.revoked_at or revocation.blocks_issuance(now))
+
+
+def _actors(act: Any) -> list[str]:
+    actors: list[str] = []
+    while isinstance(act, dict) and isinstance(act.get("sub"), str):
+        actors.append(act["sub"])
+        act = act.get("act")
+    return actors
 
 
 class Introspection:
@@ -62,9 +79,13 @@ class Introspection:
             return None
         if "task_id" in claims and (state.task is None or state.task.status(now) != "active"):
             return None
-        cut_off = state.subject_revocation
-        if cut_off is not None and (claims["iat"] <= cut_off.revoked_at or cut_off.blocks_issuance(now)):
+        if _kills(state.subject_revocation, claims["iat"], now):
             return None
+        # The kill switch reaches every party of the token: the actors of a delegation and the client.
+        others = {*_actors(claims.get("act")), claims.get("client_id")} - {claims["sub"], None}
+        for spiffe_id in sorted(o for o in others if isinstance(o, str)):
+            if _kills(self._store.subject_revocation(spiffe_id), claims["iat"], now):
+                return None
         return claims
 
     def introspect(
@@ -74,7 +95,7 @@ class Introspection:
         current = time.time() if now is None else now
         claims = self.active_claims(token, current)
         if claims is None:
-            return INACTIVE
+            return dict(INACTIVE)
         entry = self._catalog.get(claims["aud"])
         if entry is None or caller.spiffe_id not in entry.resource_servers:
             self._audit.record(
@@ -88,7 +109,7 @@ class Introspection:
                 },
                 now=current,
             )
-            return INACTIVE
+            return dict(INACTIVE)
         response = {"active": True, "token_type": "Bearer"}
         response.update({name: claims[name] for name in _REPEATED if name in claims})
         return response
@@ -104,7 +125,7 @@ class Introspection:
         who = str(caller.spiffe_id)
         holder = claims is not None and who in (claims["sub"], claims.get("client_id"))
         if claims is not None and holder:
-            self._store.revoke_jti(claims["jti"], expires_at=int(claims["exp"]))
+            self._store.revoke_jti(claims["jti"], expires_at=int(claims["exp"]) + REVOCATION_MARGIN_SECONDS)
         self._audit.record(
             {
                 "event": "revoke",

@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ACCESS_TOKEN_TYPE = "at+jwt"
 MAX_ISSUED_TOKEN_CHARS = 8192
+REFRESH_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,16 @@ def thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
 class KeyRing:
     """All keys of all classes: the active signing key per class, and every still-published public key."""
 
-    def __init__(self, keys: Mapping[TokenClass, list[SigningKey]]) -> None:
+    def __init__(
+        self, keys: Mapping[TokenClass, list[SigningKey]], settings: KeySettings | None = None
+    ) -> None:
+        self._settings = settings
+        self._refresh_lock = threading.Lock()
+        self._listing = _listing(settings.dir) if settings else ()
+        self._next_check = 0.0
+        self._install(keys)
+
+    def _install(self, keys: Mapping[TokenClass, list[SigningKey]]) -> None:
         for token_class in TokenClass:
             if not keys.get(token_class):
                 raise ConfigError(f"keys: no signing key for token class '{token_class}'")
@@ -109,7 +120,7 @@ class KeyRing:
                         "rotated the %s signing key (older than %ss)", token_class, settings.rotate_after
                     )
                 keys[token_class] = _retire(loaded, current, settings.rotate_after)
-        ring = cls(keys)
+        ring = cls(keys, settings)
         for token_class, key in ring._active.items():
             if key.generated_for_development:
                 log.warning(
@@ -135,13 +146,40 @@ class KeyRing:
             newest = max(k.created_at for k in keys[token_class])
             if now - newest >= settings.rotate_after:
                 log.warning("the %s signing key is older than rotate_after; provision a new one", token_class)
-        return cls(keys)
+        return cls(keys, settings)
+
+    def refresh(self, *, force: bool = False, now: float | None = None) -> None:
+        """Pick up keys another process added or retired (rotation), so every worker and replica signs
+        with and publishes the same set. Checks the directory at most every REFRESH_SECONDS (forced, at
+        most once a second: an unknown ``kid`` may be a sibling's new key)."""
+        if self._settings is None:
+            return
+        current = time.monotonic() if now is None else now
+        if current < self._next_check - (REFRESH_SECONDS - 1 if force else 0):
+            return
+        with self._refresh_lock:
+            self._next_check = current + REFRESH_SECONDS
+            listing = _listing(self._settings.dir)
+            if listing == self._listing:
+                return
+            keys = {
+                c: _retire(
+                    [_read_key(p, c) for p in sorted((self._settings.dir / c.value).glob("*.pem"))],
+                    int(time.time()),
+                    self._settings.rotate_after,
+                )
+                for c in TokenClass
+            }
+            self._install(keys)
+            self._listing = listing
+            log.info("signing keys reloaded: %s", ", ".join(k.kid for k in self._active.values()))
 
     def active(self, token_class: TokenClass) -> SigningKey:
         return self._active[token_class]
 
     def sign(self, token_class: TokenClass, claims: Mapping[str, Any]) -> str:
         """A compact JWS of ``claims`` as an RFC 9068 ``at+jwt``, signed with the class's active key."""
+        self.refresh()
         key = self._active[token_class]
         return jwt.encode(
             dict(claims),
@@ -152,6 +190,7 @@ class KeyRing:
 
     def jwks(self, token_class: TokenClass | None = None) -> Mapping[str, Any]:
         """The public keys of one class, or of all classes; ``kid`` names the class, ``use`` is ``sig``."""
+        self.refresh()
         return self._all_jwks if token_class is None else self._jwks[token_class]
 
     def verify_issued(self, token: str, *, issuer: str, now: float) -> dict[str, Any] | None:
@@ -164,7 +203,10 @@ class KeyRing:
             return None
         try:
             header = jwt.get_unverified_header(token)
-            key = self._by_kid.get(header.get("kid", ""))
+            kid = header.get("kid", "")
+            if kid not in self._by_kid:
+                self.refresh(force=True)
+            key = self._by_kid.get(kid)
             if key is None or header.get("typ") != ACCESS_TOKEN_TYPE:
                 return None
             claims: dict[str, Any] = jwt.decode(
@@ -215,6 +257,11 @@ def _retire(keys: list[SigningKey], now: int, rotate_after: int) -> list[Signing
         if now - newer.created_at < rotate_after:
             kept.append(older)
     return sorted(kept, key=lambda k: k.created_at)
+
+
+def _listing(directory: Path) -> tuple[str, ...]:
+    """The key files of every class, as names: a change means a sibling rotated or retired a key."""
+    return tuple(sorted(str(p.relative_to(directory)) for p in directory.glob("*/*.pem")))
 
 
 def _writable(directory: Path) -> bool:

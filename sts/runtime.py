@@ -52,7 +52,8 @@ class Services:
         try:
             self.store.ping()
         except StoreUnavailable as e:
-            problems.append(f"state store: {e.description} ({e.detail})")
+            log.warning("not ready: state store: %s", e.detail)
+            problems.append(f"state store: {e.description}")
         for trust_domain in sorted(self.trust.trust_domains, key=str):
             try:
                 bundle = self.trust.bundle_for(trust_domain)
@@ -167,7 +168,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         audit=audit,
         exchange=exchange,
         store=store,
-        callers=CallerAuthenticator(verifier, settings.admins),
+        callers=CallerAuthenticator(verifier, settings.admins, store),
         tasks=tasks,
         introspection=introspection,
         admin=Admin(

@@ -20,7 +20,15 @@ from typing import Any
 from sts.audit import AuditLog
 from sts.callers import Caller
 from sts.catalog import Catalog, is_scope_token
-from sts.errors import AccessDenied, InvalidRequest, InvalidScope, InvalidTarget, NotFound, StsError
+from sts.errors import (
+    AccessDenied,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    NotFound,
+    StsError,
+    TemporarilyUnavailable,
+)
 from sts.policy import Policy, TaskCreateRequest
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import Store, TaskRecord, TaskTarget
@@ -138,7 +146,9 @@ class TaskService:
                 )
             )
             if decision.errors:
-                raise AccessDenied("policy could not be evaluated", detail="; ".join(decision.errors))
+                raise TemporarilyUnavailable(
+                    "policy could not be evaluated", detail="; ".join(decision.errors)
+                )
             if not decision.allowed:
                 raise AccessDenied(
                     f"policy does not permit {caller.spiffe_id} to create tasks for {request.assignee}",

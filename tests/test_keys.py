@@ -134,3 +134,30 @@ def test_per_class_jwks(tmp_path: Path) -> None:
     ring = KeyRing.load_or_create(KeySettings(dir=tmp_path), now=NOW)
     assert [k["kid"] for k in ring.jwks(TokenClass.DATA)["keys"]] == [ring.active(TokenClass.DATA).kid]
     assert len(ring.jwks()["keys"]) == 2
+
+
+def test_workers_converge_on_a_rotated_key(tmp_path: Path) -> None:
+    """A worker started after rotation made a new key: an older worker verifies and publishes it too."""
+    settings = KeySettings(dir=tmp_path, rotate_after=3600)
+    older = KeyRing.load_or_create(settings, now=NOW)
+    newer = KeyRing.load_or_create(settings, now=NOW + 3700)  # rotates: a new key per class
+    new_kid = newer.active(TokenClass.TOOL).kid
+    assert new_kid not in older.public_keys(TokenClass.TOOL)
+    token = newer.sign(
+        TokenClass.TOOL,
+        {
+            "iss": "https://sts",
+            "sub": "s",
+            "aud": "a",
+            "exp": 4_000_000_000,
+            "iat": 1,
+            "nbf": 1,
+            "jti": "j",
+            "token_class": "tool",
+        },
+    )
+    assert (
+        older.verify_issued(token, issuer="https://sts", now=2) is not None
+    )  # forced refresh on unknown kid
+    assert new_kid in {k["kid"] for k in older.jwks(TokenClass.TOOL)["keys"]}
+    assert older.active(TokenClass.TOOL).kid == new_kid

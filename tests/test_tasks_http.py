@@ -337,3 +337,102 @@ def test_metadata_names_introspection_and_revocation(server: RunningServer) -> N
     metadata = requests.get(f"{server.url}/.well-known/oauth-authorization-server", timeout=5).json()
     assert metadata["introspection_endpoint"] == f"{server.issuer}/introspect"
     assert metadata["revocation_endpoint"] == f"{server.issuer}/revoke"
+
+
+def test_kill_switch_reaches_actors_and_callers(
+    server: RunningServer, example_org: TestAuthority, admin: Client
+) -> None:
+    issuer = server.issuer
+    orchestrator, middleman = "spiffe://example.org/orchestrator", "spiffe://example.org/agent/middleman"
+    body = {
+        "grant_type": GRANT,
+        "subject_token": example_org.mint(orchestrator, issuer),
+        "subject_token_type": JWT_TYPE,
+        "actor_token": example_org.mint(middleman, issuer),
+        "actor_token_type": JWT_TYPE,
+        "audience": "tool:calc",
+        "scope": "invoke",
+    }
+    token = requests.post(f"{server.url}/token", data=body, timeout=10).json()["access_token"]
+    calc = Client(server, example_org, "spiffe://example.org/tool/calc")
+    assert calc.introspect(token)["active"] is True
+    assert (
+        admin.post_json(
+            "/admin/revocations", {"spiffe_id": middleman, "reason": "compromised actor"}
+        ).status_code
+        == 200
+    )
+    assert calc.introspect(token) == {"active": False}
+    killed = Client(server, example_org, middleman)
+    assert killed.get("/tasks/task_x").status_code == 401  # its JWT-SVID no longer opens JSON endpoints
+
+
+def test_a_shorter_kill_never_lifts_a_permanent_one(
+    server: RunningServer, example_org: TestAuthority, admin: Client
+) -> None:
+    victim = Client(server, example_org, "spiffe://example.org/agent/permanently-out")
+    assert (
+        admin.post_json("/admin/revocations", {"spiffe_id": victim.spiffe_id, "reason": "gone"}).json()[
+            "until"
+        ]
+        is None
+    )
+    shorter = admin.post_json(
+        "/admin/revocations", {"spiffe_id": victim.spiffe_id, "reason": "oops", "until": int(time.time()) + 1}
+    )
+    assert shorter.json()["until"] is None
+    time.sleep(1.2)
+    assert victim.exchange("tool:calc", "invoke").status_code == 400
+
+
+def test_break_glass_is_not_lent_to_an_actor(
+    server: RunningServer, example_org: TestAuthority, admin: Client
+) -> None:
+    job, helper = "spiffe://example.org/batch/lender", "spiffe://example.org/batch/borrower"
+    expires_at = int(time.time()) + 20
+    granted = admin.post_json(
+        "/admin/exceptions",
+        {
+            "spiffe_id": job,
+            "target": "tool:calc",
+            "scopes": ["invoke"],
+            "reason": "incident",
+            "expires_at": expires_at,
+        },
+    )
+    assert granted.status_code == 201
+    own = Client(server, example_org, job).exchange("tool:calc", "invoke")
+    assert own.status_code == 200
+    assert jwt.decode(own.json()["access_token"], options={"verify_signature": False})["exp"] <= expires_at
+    body = {
+        "grant_type": GRANT,
+        "subject_token": example_org.mint(job, server.issuer),
+        "subject_token_type": JWT_TYPE,
+        "actor_token": example_org.mint(helper, server.issuer),
+        "actor_token_type": JWT_TYPE,
+        "audience": "tool:calc",
+        "scope": "invoke",
+    }
+    assert requests.post(f"{server.url}/token", data=body, timeout=10).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/tasks", "[" * 30000 + "]" * 30000), ("/admin/revocations", '{"spiffe_id": 1')],
+    ids=["deeply-nested", "truncated"],
+)
+def test_malformed_json_is_a_400(admin: Client, path: str, body: str) -> None:
+    response = requests.post(
+        f"{admin.server.url}{path}",
+        data=body,
+        headers={**admin.bearer(), "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+
+
+def test_admin_times_are_bounded(admin: Client) -> None:
+    response = admin.post_json(
+        "/admin/revocations", {"spiffe_id": AGENT + "-x", "reason": "r", "until": 2**63 - 10}
+    )
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
