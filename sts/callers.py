@@ -10,13 +10,15 @@ Knows nothing of HTTP beyond the header value it is handed; must not import Flas
 from __future__ import annotations
 
 import time
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
+
+from cryptography import x509
 
 from sts.errors import AccessDenied, InvalidCallerToken, InvalidToken
 from sts.spiffeid import SpiffeId
 from sts.store import Store
-from sts.svid import JwtSvidVerifier
+from sts.svid import JwtSvidVerifier, X509SvidVerifier
 
 BEARER_PREFIX = "bearer "
 
@@ -32,13 +34,29 @@ class Caller:
 class CallerAuthenticator:
     """Turns an ``Authorization`` header into a :class:`Caller`, or refuses (RFC 6750 ``invalid_token``)."""
 
-    def __init__(self, verifier: JwtSvidVerifier, admins: Set[SpiffeId], store: Store) -> None:
+    def __init__(
+        self, verifier: JwtSvidVerifier, admins: Set[SpiffeId], store: Store, x509: X509SvidVerifier
+    ) -> None:
         self._verifier = verifier
+        self._x509 = x509
         self._admins = frozenset(admins)
         self._store = store
 
-    def authenticate(self, authorization: str | None, *, now: float | None = None) -> Caller:
-        """RFC 6750 §2.1: ``Bearer <JWT-SVID>`` whose audience is this issuer."""
+    def authenticate(
+        self,
+        authorization: str | None,
+        *,
+        client_certificates: Sequence[x509.Certificate] = (),
+        now: float | None = None,
+    ) -> Caller:
+        """RFC 6750 §2.1 ``Bearer <JWT-SVID>`` whose audience is this issuer, or else the TLS client's
+        X.509-SVID (on the TLS listener)."""
+        if not authorization and client_certificates:
+            try:
+                certificate = self._x509.verify(client_certificates, now=now)
+            except InvalidToken as e:
+                raise InvalidCallerToken(f"client certificate: {e.description}", detail=e.detail) from e
+            return self._not_cut_off(Caller(certificate.spiffe_id, "spiffe_x509"), now)
         if not authorization:
             raise InvalidCallerToken("authenticate with your JWT-SVID: Authorization: Bearer <token>")
         if not authorization[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX:

@@ -142,6 +142,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
     introspection = Introspection(
         issuer=settings.issuer, keys=keys, store=store, catalog=settings.catalog, audit=audit
     )
+    x509_verifier = X509SvidVerifier(trust)
     exchange = TokenExchange(
         issuer=settings.issuer,
         verifier=verifier,
@@ -154,7 +155,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         tasks=tasks,
         limits=settings.limits,
         dpop=DpopVerifier(use_once=lambda key, expires_at: store.use_once(key, expires_at=expires_at)),
-        x509=X509SvidVerifier(trust),
+        x509=x509_verifier,
         issued_claims=introspection.active_claims,
         max_delegation_depth=settings.tokens.max_delegation_depth,
         token_urls=(f"{settings.issuer}/token",)
@@ -168,7 +169,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         audit=audit,
         exchange=exchange,
         store=store,
-        callers=CallerAuthenticator(verifier, settings.admins, store),
+        callers=CallerAuthenticator(verifier, settings.admins, store, x509_verifier),
         tasks=tasks,
         introspection=introspection,
         admin=Admin(

@@ -244,3 +244,28 @@ def test_the_server_presents_its_certificate(tls: tuple[RunningServer, Path]) ->
         x509.UniformResourceIdentifier
     )
     assert uris == ["spiffe://example.org/sts"]
+
+
+def test_json_endpoints_accept_the_client_certificate(
+    tls: tuple[RunningServer, Path], example_org: TestAuthority
+) -> None:
+    """mTLS instead of a bearer JWT-SVID: the caller is the certificate's SPIFFE ID."""
+    server, directory = tls
+    cert, key, _ = issue(example_org, directory, "calc-server", uris=("spiffe://example.org/tool/calc",))
+    token = post(server, directory, None, subject_token=example_org.mint(AGENT, server.issuer)).json()[
+        "access_token"
+    ]
+    base = server.url.replace("127.0.0.1", "localhost")
+    answer = requests.post(
+        f"{base}/introspect",
+        data={"token": token},
+        cert=(cert, key),
+        verify=str(directory / "ca.pem"),
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["active"] is True
+    anonymous = requests.post(
+        f"{base}/introspect", data={"token": token}, verify=str(directory / "ca.pem"), timeout=10
+    )
+    assert anonymous.status_code == 401

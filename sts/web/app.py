@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from sts.config import config_path_from_env, load_settings
 from sts.errors import RequestTooLarge, StsError
 from sts.runtime import Services, build_services
+from sts.web.common import error_response
 from sts.web.oauth import oauth
 from sts.web.ops import ops
 from sts.web.resources import resources
@@ -68,25 +69,6 @@ def create_app(services: Services) -> Flask:
         return error_response(StsError("internal error"))
 
     return app
-
-
-def error_response(error: StsError) -> Response:
-    """Render a refusal as its RFC 6749 §5.2 body with its status and headers; log the detail."""
-    level = logging.ERROR if error.status >= 500 else logging.INFO
-    log.log(
-        level,
-        "refused %s %s: %s %s%s (request %s)",
-        request.method,
-        request.path,
-        error.error,
-        error.description,
-        f" [{error.detail}]" if error.detail else "",
-        g.get("request_id"),
-    )
-    response = jsonify(error.to_json())
-    response.status_code = error.status
-    response.headers.update(error.headers())
-    return response
 
 
 def create_app_from_env() -> Flask:

@@ -7,24 +7,20 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 
 from sts.binding import DPOP_ALGORITHMS, InvalidDpopProof
 from sts.catalog import TokenClass
 from sts.errors import InvalidRequest, RequestTooLarge, StsError
 from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE, ExchangeRequest
-from sts.runtime import Services
 from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
+from sts.web.common import services
 from sts.web.tls import client_certificate_chain
 
 oauth = Blueprint("oauth", __name__)
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
-
-
-def services() -> Services:
-    return current_app.extensions["sts"]  # type: ignore[no-any-return]
 
 
 @oauth.post("/token")
@@ -95,7 +91,9 @@ def _token_parameter(form: dict[str, list[str]]) -> str:
 def introspect() -> Response:
     """RFC 7662: the caller (a resource server's JWT-SVID as bearer) asks whether a token is active."""
     sts = services()
-    caller = sts.callers.authenticate(request.headers.get("Authorization"))
+    caller = sts.callers.authenticate(
+        request.headers.get("Authorization"), client_certificates=client_certificate_chain(request.environ)
+    )
     token = _token_parameter(read_form())
     return jsonify(sts.introspection.introspect(caller, token, request_id=g.request_id))
 
@@ -104,7 +102,9 @@ def introspect() -> Response:
 def revoke() -> Response:
     """RFC 7009: the holder revokes its own token; 200 whatever the token was (§2.2)."""
     sts = services()
-    caller = sts.callers.authenticate(request.headers.get("Authorization"))
+    caller = sts.callers.authenticate(
+        request.headers.get("Authorization"), client_certificates=client_certificate_chain(request.environ)
+    )
     sts.introspection.revoke(caller, _token_parameter(read_form()), request_id=g.request_id)
     return Response(status=200)
 

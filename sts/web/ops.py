@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from sts.web.oauth import services
+from sts.web.common import services
 
 ops = Blueprint("ops", __name__)
 

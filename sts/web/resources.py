@@ -14,17 +14,36 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from sts.admin import exception_json
 from sts.callers import Caller
-from sts.errors import InvalidRequest
+from sts.errors import InvalidRequest, StsError
 from sts.tasks import task_json
-from sts.web.oauth import services
+from sts.web.common import error_response, services
+from sts.web.tls import client_certificate_chain
 
 resources = Blueprint("resources", __name__)
 
 JSON_CONTENT_TYPE = "application/json"
 
 
+@resources.errorhandler(StsError)
+def refused(error: StsError) -> Response:
+    """Every refused call here (bad credentials, not an admin, bad body) leaves an audit line."""
+    services().audit.record(
+        {
+            "event": "api_refusal",
+            "decision": "deny",
+            "request_id": g.request_id,
+            "path": request.path,
+            "error": error.error,
+            "error_description": error.description,
+        }
+    )
+    return error_response(error)
+
+
 def _caller() -> Caller:
-    return services().callers.authenticate(request.headers.get("Authorization"))
+    return services().callers.authenticate(
+        request.headers.get("Authorization"), client_certificates=client_certificate_chain(request.environ)
+    )
 
 
 def _admin() -> Caller:
