@@ -14,8 +14,11 @@ Imports ``sts.errors`` only; the record types are plain values.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sts.errors import TemporarilyUnavailable
 
@@ -154,3 +157,48 @@ class Store(Protocol):
         """True the first time ``key`` is seen before ``expires_at``, False on every replay."""
 
     def close(self) -> None: ...
+
+
+# The JSON form of records, shared by the backends that store text (SQLite, Redis).
+
+
+def record_json(
+    record: TaskRecord | SubjectRevocation | ExceptionGrant, *, omit: tuple[str, ...] = ()
+) -> str:
+    """Compact JSON of a record (sets as sorted lists); ``omit`` drops fields a backend keeps elsewhere."""
+    data = {k: v for k, v in dataclasses.asdict(record).items() if k not in omit}
+    return json.dumps(data, default=sorted, separators=(",", ":"))
+
+
+def decode(text: str | bytes) -> dict[str, Any]:
+    """A stored JSON object; anything else means the store is corrupt, which we treat as unavailable."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise StoreUnavailable(f"corrupt record: {e}") from e
+    if not isinstance(data, dict):
+        raise StoreUnavailable("corrupt record: not a JSON object")
+    return data
+
+
+def task_from(data: Mapping[str, Any], **completion: Any) -> TaskRecord:
+    fields = {**data, **completion}
+    try:
+        fields["targets"] = tuple(TaskTarget(t["target"], frozenset(t["scopes"])) for t in fields["targets"])
+        return TaskRecord(**fields)
+    except (KeyError, TypeError) as e:
+        raise StoreUnavailable(f"corrupt task record: {e}") from e
+
+
+def subject_from(data: Mapping[str, Any]) -> SubjectRevocation:
+    try:
+        return SubjectRevocation(**data)
+    except TypeError as e:
+        raise StoreUnavailable(f"corrupt revocation record: {e}") from e
+
+
+def exception_from(data: Mapping[str, Any]) -> ExceptionGrant:
+    try:
+        return ExceptionGrant(**{**data, "scopes": frozenset(data["scopes"])})
+    except (KeyError, TypeError) as e:
+        raise StoreUnavailable(f"corrupt exception record: {e}") from e

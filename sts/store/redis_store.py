@@ -32,7 +32,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Concatenate, ParamSpec, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -45,11 +45,16 @@ from sts.store import (
     StoreUnavailable,
     SubjectRevocation,
     TaskRecord,
-    TaskTarget,
     TokenState,
+    decode,
+    exception_from,
+    record_json,
+    subject_from,
+    task_from,
 )
 
 PREFIX = "sts:"
+COMPLETION = ("completed_at", "completed_by")  # a task's completion lives in its own key
 CONNECT_TIMEOUT = 0.5  # seconds; a dead or unreachable Redis must not hold a request for long
 READ_TIMEOUT = 1.0
 HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed before use
@@ -148,7 +153,9 @@ class RedisStore:
         keep = task.deadline + RETENTION_SECONDS
         if keep <= self._clock():
             return  # already past its retention: invisible at once, as in the other backends
-        if not self._redis.set(f"{PREFIX}task:{task.id}", _json(task), nx=True, exat=_at(keep)):
+        if not self._redis.set(
+            f"{PREFIX}task:{task.id}", record_json(task, omit=COMPLETION), nx=True, exat=_at(keep)
+        ):
             raise AlreadyExists(task.id)
 
     @_answers
@@ -205,7 +212,7 @@ class RedisStore:
         keep = grant.expires_at + RETENTION_SECONDS
         if keep <= self._clock():
             return  # already past its retention: invisible at once, as in the other backends
-        if not self._add_exception(keys=keys, args=[_json(grant), _at(keep), self._clock()]):
+        if not self._add_exception(keys=keys, args=[record_json(grant), _at(keep), self._clock()]):
             raise AlreadyExists(grant.id)
 
     @_answers
@@ -213,7 +220,7 @@ class RedisStore:
         index = f"{PREFIX}exceptions-all" if spiffe_id is None else f"{PREFIX}exceptions-of:{spiffe_id}"
         # Without WITHSCORES the reply is the members alone.
         members = cast("list[bytes]", self._redis.zrangebyscore(index, f"({self._clock()}", "+inf"))
-        grants = [_exception(member) for member in members]
+        grants = [exception_from(decode(member)) for member in members]
         return sorted(grants, key=lambda g: (g.created_at, g.id))
 
     # Counters shared by every replica
@@ -246,22 +253,19 @@ class RedisStore:
     def _task(self, record: bytes | str | None, done: bytes | str | None) -> TaskRecord | None:
         if record is None:
             return None
-        data: dict[str, Any] = json.loads(record)
-        if data["deadline"] + RETENTION_SECONDS <= self._clock():
+        data = decode(record)
+        if data.get("deadline", 0) + RETENTION_SECONDS <= self._clock():
             return None
-        data["targets"] = tuple(TaskTarget(t["target"], frozenset(t["scopes"])) for t in data["targets"])
-        if done is not None:
-            data.update(json.loads(done))
-        return TaskRecord(**data)
+        return task_from(data, **(decode(done) if done is not None else {}))
 
     def _subject(self, value: bytes | str | None) -> SubjectRevocation | None:
         if value is None:
             return None
-        data: dict[str, Any] = json.loads(value)
-        keep_until = data["keep_until"]
+        data = decode(value)
+        keep_until = data.get("keep_until")
         if keep_until is not None and keep_until <= self._clock():
             return None
-        return SubjectRevocation(**data["revocation"])
+        return subject_from(data.get("revocation", {}))
 
 
 def _task_keys(task_id: str) -> list[str]:
@@ -271,15 +275,3 @@ def _task_keys(task_id: str) -> list[str]:
 def _at(timestamp: float) -> int:
     """An EXAT Redis accepts: at least 1 (an instant in the past expires the key at once)."""
     return min(max(int(timestamp), 1), _LATEST_EXPIRY)
-
-
-def _json(record: TaskRecord | ExceptionGrant) -> str:
-    data = dataclasses.asdict(record)
-    data.pop("completed_at", None)  # a task's completion lives in its own key
-    data.pop("completed_by", None)
-    return json.dumps(data, default=sorted, separators=(",", ":"))
-
-
-def _exception(member: bytes | str) -> ExceptionGrant:
-    data: dict[str, Any] = json.loads(member)
-    return ExceptionGrant(**{**data, "scopes": frozenset(data["scopes"])})

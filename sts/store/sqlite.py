@@ -14,9 +14,7 @@ Imports only ``sts.store`` of the project.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 import sqlite3
 import threading
@@ -24,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from sts.store import (
     RETENTION_SECONDS,
@@ -33,8 +31,12 @@ from sts.store import (
     StoreUnavailable,
     SubjectRevocation,
     TaskRecord,
-    TaskTarget,
     TokenState,
+    decode,
+    exception_from,
+    record_json,
+    subject_from,
+    task_from,
 )
 
 # Expired rows are deleted by a write at most this often (per store object, so per worker process).
@@ -183,7 +185,7 @@ class SqliteStore:
     def create_task(self, task: TaskRecord) -> None:
         conn, now = self._writer()
         keep = task.deadline + RETENTION_SECONDS
-        if not conn.execute(_CREATE_TASK, (task.id, _json(task), keep, now)).fetchall():
+        if not conn.execute(_CREATE_TASK, (task.id, record_json(task), keep, now)).fetchall():
             raise AlreadyExists(task.id)
 
     @_answers
@@ -196,7 +198,7 @@ class SqliteStore:
             )
             .fetchall()
         )
-        return _task(*rows[0]) if rows else None
+        return _task_row(*rows[0]) if rows else None
 
     @_answers
     def complete_task(self, task_id: str, *, at: int, by: str) -> TaskRecord | None:
@@ -225,7 +227,7 @@ class SqliteStore:
         conn, _ = self._writer()
         conn.execute(
             "INSERT OR REPLACE INTO subject_revocations (spiffe_id, record, expires_at) VALUES (?, ?, ?)",
-            (revocation.spiffe_id, _json(revocation), keep_until),
+            (revocation.spiffe_id, record_json(revocation), keep_until),
         )
 
     @_answers
@@ -239,7 +241,7 @@ class SqliteStore:
             )
             .fetchall()
         )
-        return _subject(rows[0][0]) if rows else None
+        return subject_from(decode(rows[0][0])) if rows else None
 
     @_answers
     def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
@@ -248,8 +250,8 @@ class SqliteStore:
         )
         return TokenState(
             jti_revoked=jti_row is not None,
-            task=_task(task, done_at, done_by) if task is not None else None,
-            subject_revocation=_subject(subject) if subject is not None else None,
+            task=_task_row(task, done_at, done_by) if task is not None else None,
+            subject_revocation=subject_from(decode(subject)) if subject is not None else None,
         )
 
     # Break-glass exceptions
@@ -258,7 +260,7 @@ class SqliteStore:
     def add_exception(self, grant: ExceptionGrant) -> None:
         conn, now = self._writer()
         keep = grant.expires_at + RETENTION_SECONDS
-        values = (grant.id, grant.spiffe_id, grant.created_at, _json(grant), keep, now)
+        values = (grant.id, grant.spiffe_id, grant.created_at, record_json(grant), keep, now)
         if not conn.execute(_ADD_EXCEPTION, values).fetchall():
             raise AlreadyExists(grant.id)
 
@@ -273,7 +275,7 @@ class SqliteStore:
                 "SELECT record FROM exceptions WHERE spiffe_id = ? AND expires_at > ? ORDER BY created_at, id"
             )
             rows = self._conn().execute(query, (spiffe_id, now)).fetchall()
-        return [_exception(record) for (record,) in rows]
+        return [exception_from(decode(record)) for (record,) in rows]
 
     # Counters shared by every process
 
@@ -355,24 +357,6 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
-# The JSON form of records. A task's completion lives in its own columns so it can be set atomically.
-
-
-def _json(record: TaskRecord | SubjectRevocation | ExceptionGrant) -> str:
-    return json.dumps(dataclasses.asdict(record), default=sorted, separators=(",", ":"))
-
-
-def _task(record: str, completed_at: int | None, completed_by: str | None) -> TaskRecord:
-    data: dict[str, Any] = json.loads(record)
-    data["targets"] = tuple(TaskTarget(t["target"], frozenset(t["scopes"])) for t in data["targets"])
-    data.update(completed_at=completed_at, completed_by=completed_by)
-    return TaskRecord(**data)
-
-
-def _subject(record: str) -> SubjectRevocation:
-    return SubjectRevocation(**json.loads(record))
-
-
-def _exception(record: str) -> ExceptionGrant:
-    data: dict[str, Any] = json.loads(record)
-    return ExceptionGrant(**{**data, "scopes": frozenset(data["scopes"])})
+def _task_row(record: str, completed_at: int | None, completed_by: str | None) -> TaskRecord:
+    """A task row: the JSON record, with its completion from the columns that make it atomic."""
+    return task_from(decode(record), completed_at=completed_at, completed_by=completed_by)
