@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ RULES: tuple[str, ...] = (
 
 DEFAULT_LEEWAY_SECONDS = 30
 DEFAULT_MAX_TOKEN_BYTES = 8192
+CACHE_ENTRIES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,16 @@ class VerifiedJwtSvid:
 
 
 @dataclass(frozen=True, slots=True)
+class _Verified:
+    """A JWT-SVID that passed, the key object it was checked with, and when."""
+
+    svid: VerifiedJwtSvid
+    key: JwtAuthority
+    kid: str
+    verified_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class _CompactJws:
     signing_input: bytes
     header: dict[str, Any]
@@ -135,6 +147,8 @@ class JwtSvidVerifier:
         if max_token_bytes < 1:
             raise ValueError("max_token_bytes must be positive")
         self._trust = trust
+        self._cache: dict[str, _Verified] = {}
+        self._cache_lock = threading.Lock()
         self._audience = audience
         self._leeway = leeway_seconds
         self._max_token_bytes = max_token_bytes
@@ -144,11 +158,43 @@ class JwtSvidVerifier:
         return self._audience
 
     def verify(self, token: str, *, now: float | None = None) -> VerifiedJwtSvid:
-        """Check ``token`` against every rule of :data:`RULES` in order; ``now`` defaults to the clock."""
+        """Check ``token`` against every rule of :data:`RULES` in order; ``now`` defaults to the clock.
+
+        Agents reuse one JWT-SVID for many exchanges, so a token that passed is remembered by its hash
+        until it expires: a repeat skips parsing and the signature, but its key must still be the same
+        key object in the *current* bundle of its trust domain (a rotated-out key, a redacted or stale
+        bundle all fail exactly as without the cache), and its expiry is checked against ``now``.
+        """
         when = time.time() if now is None else now
         # size: before any parsing. Characters never outnumber bytes; non-ASCII is refused just below.
         if len(token) > self._max_token_bytes:
             raise InvalidToken("size", "token is larger than this server accepts")
+        token_hash = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+        cached = self._cache.get(token_hash)
+        if cached is not None and self._still_valid(cached, when):
+            return cached.svid
+        verified, key, kid = self._verify_uncached(token, token_hash, when)
+        self._remember(_Verified(verified, key, kid, when))
+        return verified
+
+    def _still_valid(self, cached: _Verified, when: float) -> bool:
+        """The cached result holds at ``when``: same key still trusted, unexpired, not before its check."""
+        if when < cached.verified_at or when >= cached.svid.expiry + self._leeway:
+            return False
+        bundle = self._trust.bundle_for(cached.svid.spiffe_id.trust_domain)
+        return bundle is not None and bundle.jwt_authorities.get(cached.kid) is cached.key
+
+    def _remember(self, entry: _Verified) -> None:
+        with self._cache_lock:
+            if len(self._cache) >= CACHE_ENTRIES:
+                # Drop the oldest half; cheaper than LRU bookkeeping on every hit, and bounded.
+                for stale in list(self._cache)[: CACHE_ENTRIES // 2]:
+                    del self._cache[stale]
+            self._cache[entry.svid.token_hash] = entry
+
+    def _verify_uncached(
+        self, token: str, token_hash: str, when: float
+    ) -> tuple[VerifiedJwtSvid, JwtAuthority, str]:
         jws = _parse_compact(token)
         header, claims = jws.header, jws.claims
 
@@ -179,14 +225,15 @@ class JwtSvidVerifier:
         audience = self._check_audience(claims)
         expiry = self._check_times(claims, when)
         issued_at = claims.get("iat")
-        return VerifiedJwtSvid(
+        verified = VerifiedJwtSvid(
             spiffe_id=spiffe_id,
             audience=audience,
             expiry=expiry,
             issued_at=None if issued_at is None else int(issued_at),
             claims=MappingProxyType(claims),
-            token_hash=hashlib.sha256(token.encode("ascii")).hexdigest(),
+            token_hash=token_hash,
         )
+        return verified, key, kid
 
     def _signing_key(self, spiffe_id: SpiffeId, kid: str) -> JwtAuthority:
         """The key ``kid``, looked up only in the bundle of the subject's trust domain (Workload API §6.3)."""

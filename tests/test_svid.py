@@ -477,3 +477,48 @@ def test_non_finite_times_are_refused_not_crashing(world: World, literal: str) -
     signing_input = f"{b64url(json.dumps(world.header()).encode())}.{b64url(payload.encode())}"
     signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), world.a.private_key)
     assert refusal(world, f"{signing_input}.{b64url(signature)}", now=NOW).rule == "exp"
+
+
+class SwappableSource:
+    """A bundle source whose bundle the test replaces, as a rotation or redaction would."""
+
+    def __init__(self, bundle: TrustBundle) -> None:
+        self.bundle = bundle
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self.bundle.trust_domain
+
+    def current(self) -> TrustBundle:
+        return self.bundle
+
+
+def test_cached_svid_is_refused_once_its_key_leaves_the_bundle() -> None:
+    """The verified-SVID cache never outlives the trust it was built on."""
+    authority = TestAuthority("example.org")
+    source = SwappableSource(authority.bundle())
+    verifier = JwtSvidVerifier(TrustStore([source]), AUD)
+    token = authority.mint(SUB, AUD, now=NOW)
+    assert verifier.verify(token, now=NOW).spiffe_id == SpiffeId.parse(SUB)
+    assert verifier.verify(token, now=NOW + 1).spiffe_id == SpiffeId.parse(SUB)  # served from the cache
+    old_kid = authority.kid
+    authority.rotate()
+    rotated = TrustBundle.from_spiffe_bundle(authority.trust_domain, authority.spiffe_bundle())
+    source.bundle = TrustBundle(
+        rotated.trust_domain,
+        {k: v for k, v in rotated.jwt_authorities.items() if k != old_kid},
+        rotated.x509_authorities,
+    )
+    with pytest.raises(InvalidToken) as refused:
+        verifier.verify(token, now=NOW + 2)
+    assert refused.value.rule == "kid_unknown"
+
+
+def test_cached_svid_still_expires() -> None:
+    authority = TestAuthority("example.org")
+    verifier = JwtSvidVerifier(TrustStore([SwappableSource(authority.bundle())]), AUD, leeway_seconds=0)
+    token = authority.mint(SUB, AUD, now=NOW, ttl=10)
+    verifier.verify(token, now=NOW)
+    with pytest.raises(InvalidToken) as refused:
+        verifier.verify(token, now=NOW + 10)
+    assert refused.value.rule == "expired"
