@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-## run: the development environment end to end (`sts dev`): Workload API server + STS; it prints what to try
+## run: the development environment end to end (`sts dev`): Workload API server + STS; it prints what to
+## try, including `sts demo --state-dir state/dev`, the whole agent story against it
 run: $(STAMP)
 	$(BIN)/sts dev --state-dir state/dev --port 8443
 

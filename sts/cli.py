@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8443)
     dev.set_defaults(run=_dev)
 
+    demo = commands.add_parser("demo", help="play the whole agent story against sts dev, step by step")
+    demo.add_argument(
+        "--state-dir", type=Path, default=None, help="of a running `sts dev` (default: start a private one)"
+    )
+    demo.set_defaults(run=_demo)
+
     workload_api = commands.add_parser("workload-api", help="run the development Workload API server alone")
     workload_api.add_argument("--config", type=Path, required=True, help="workload registration YAML")
     workload_api.add_argument("--state-dir", type=Path, default=Path("state/workload-api"))
@@ -179,6 +185,14 @@ def _dev(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args.state_dir, args.port)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Exit 0 only if every step of the story behaved as it must (``sts.demo_story``)."""
+    from sts.demo_story import run
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    return run(args.state_dir)
 
 
 def _workload_api(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import anyio.to_thread
 import httpx
+import jwt
 import requests
 import requests.auth
 from cryptography import x509
@@ -175,7 +176,9 @@ class WorkloadApiSvids:
             context = self._api().fetch_x509_context(timeout=self._timeout)
         except PySpiffeError as e:
             raise TemporarilyUnavailable("the Workload API gave no X.509 bundle", detail=str(e)) from e
-        bundle = context.x509_bundle_set.get_bundle_for_trust_domain(context.default_svid.spiffe_id.trust_domain)
+        bundle = context.x509_bundle_set.get_bundle_for_trust_domain(
+            context.default_svid.spiffe_id.trust_domain
+        )
         return list(bundle.x509_authorities) if bundle is not None else []
 
     def close(self) -> None:
@@ -183,6 +186,12 @@ class WorkloadApiSvids:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+    def __enter__(self) -> WorkloadApiSvids:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class CachedJwtSvid:
@@ -212,8 +221,6 @@ class CachedJwtSvid:
 
 def _unverified_exp(token: str) -> float:
     """The ``exp`` of a JWT we were just handed by our own Workload API (only to schedule a refresh)."""
-    import jwt
-
     try:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     except jwt.PyJWTError:
@@ -232,6 +239,11 @@ class AccessToken:
     target: str
     task_id: str | None = None
     dpop_key: DpopKey | None = field(default=None, repr=False, compare=False)
+    issued_at: float = 0.0
+
+    def usable(self, now: float, margin: float) -> bool:
+        """Still worth handing out: more than ``margin`` (at most half the lifetime) left before ``exp``."""
+        return self.expires_at - now > min(margin, (self.expires_at - self.issued_at) / 2)
 
     def headers(self, method: str, url: str, *, now: float | None = None) -> dict[str, str]:
         """The request headers for one call: ``Authorization``, and a fresh DPoP proof bound by ``ath``."""
@@ -450,16 +462,14 @@ class TokenClient:
         token = self._cache.get(key)
         if token is None:
             return None
-        now = self._clock()
-        lifetime_left = token.expires_at - now
-        if lifetime_left > self._refresh_margin:
+        if token.usable(self._clock(), self._refresh_margin):
             return token
         del self._cache[key]
         return None
 
     def _prune(self) -> None:
         now = self._clock()
-        for key in [k for k, v in self._cache.items() if v.expires_at - now <= self._refresh_margin]:
+        for key in [k for k, v in self._cache.items() if not v.usable(now, self._refresh_margin)]:
             del self._cache[key]
 
     def _exchange(self, want: TokenRequest) -> AccessToken:
@@ -511,6 +521,7 @@ class TokenClient:
             target=want.target,
             task_id=want.task_id,
             dpop_key=want.dpop,
+            issued_at=started,
         )
 
     # --- tasks --------------------------------------------------------------------------------
@@ -523,7 +534,7 @@ class TokenClient:
         purpose: str,
         ttl_seconds: int,
     ) -> dict[str, Any]:
-        """``POST /tasks`` as this workload (an orchestrator): returns the task (``task_id``, ``expires_at``)."""
+        """``POST /tasks`` as this workload (an orchestrator); the answer has ``task_id``, ``expires_at``."""
         body = {
             "assignee": assignee,
             "targets": [{"target": t, "scopes": sorted(s)} for t, s in targets.items()],
@@ -684,14 +695,15 @@ class RequestsTokenAuth(requests.auth.AuthBase):
     session the same certificate: ``session.cert = client.client_certificate_files()``.
     """
 
-    def __init__(self, client: TokenClient, **want: Any) -> None:
+    def __init__(self, client: TokenClient, want: TokenRequest | None = None, **wanted: Any) -> None:
+        """``want``, or the keyword arguments of :meth:`TokenClient.token`, say which token to attach."""
         self._client = client
-        self._want = TokenRequest.of(**want)
+        self._want = want if want is not None else TokenRequest.of(**wanted)
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         token = self._client.get(self._want)
         r.headers.update(token.headers(str(r.method), str(r.url)))
-        r.register_hook("response", self._on_response)
+        r.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
         return r
 
     def _on_response(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
@@ -706,9 +718,10 @@ class HttpxTokenAuth(httpx.Auth):
     In an async client the exchange, which blocks, runs in a worker thread.
     """
 
-    def __init__(self, client: TokenClient, **want: Any) -> None:
+    def __init__(self, client: TokenClient, want: TokenRequest | None = None, **wanted: Any) -> None:
+        """``want``, or the keyword arguments of :meth:`TokenClient.token`, say which token to attach."""
         self._client = client
-        self._want = TokenRequest.of(**want)
+        self._want = want if want is not None else TokenRequest.of(**wanted)
 
     def _apply(self, request: httpx.Request, token: AccessToken) -> None:
         request.headers.update(token.headers(request.method, str(request.url)))
@@ -722,9 +735,7 @@ class HttpxTokenAuth(httpx.Auth):
         response = yield request
         self._after(response)
 
-    async def async_auth_flow(  # type: ignore[override]
-        self, request: httpx.Request
-    ) -> Any:
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         token = await anyio.to_thread.run_sync(self._client.get, self._want)
         self._apply(request, token)
         response = yield request

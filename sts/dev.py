@@ -209,6 +209,8 @@ Try an exchange as the agent (its JWT-SVID comes from its own Workload API socke
   curl -s http://127.0.0.1:{port}/token -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\
     -d subject_token_type=urn:ietf:params:oauth:token-type:jwt -d subject_token=$TOKEN \\
     -d audience=tool:web-search -d scope=invoke
+The whole agent story (task, tool and data tokens, binding, revocation), in another terminal:
+  {sts} demo --state-dir {description_path.parent}
 Rotate the development CA: kill -USR1 {os.getpid()}     Stop: Ctrl-C
 """,
         flush=True,

@@ -519,13 +519,32 @@ EXAMPLE_CASES = [
     ("agent-invokes-tool", request(AGENT, WEB_SEARCH, "invoke"), True, ("agents-invoke-tools",), 300),
     (
         "agent-reads-crm-in-task",
-        request(AGENT, CRM, "read", task=TASK),
+        request(AGENT, CRM, "read", task=TASK, binding="dpop", client_auth="spiffe_jwt"),
         True,
         ("agents-read-data-in-task",),
         120,
     ),
-    ("agent-reads-crm-without-task", request(AGENT, CRM, "read"), False, (), None),
-    ("agent-writes-crm-unbound", request(AGENT, CRM, "write", task=TASK), False, (), None),
+    (
+        "agent-reads-crm-without-task",
+        request(AGENT, CRM, "read", binding="dpop", client_auth="spiffe_jwt"),
+        False,
+        (),
+        None,
+    ),
+    (
+        "agent-reads-crm-unbound",
+        request(AGENT, CRM, "read", task=TASK),
+        False,
+        ("forbid-confidential-data-unbound",),
+        None,
+    ),
+    (
+        "agent-writes-crm-unbound",
+        request(AGENT, CRM, "write", task=TASK),
+        False,
+        ("forbid-confidential-data-unbound",),
+        None,
+    ),
     (
         "agent-writes-crm-bound",
         request(AGENT, CRM, "read", "write", task=TASK, binding="mtls", client_auth="spiffe_x509"),
@@ -550,7 +569,7 @@ EXAMPLE_CASES = [
     ),
     (
         "expired-task-forbidden",
-        request(AGENT, CRM, "read", task=EXPIRED_TASK),
+        request(AGENT, CRM, "read", task=EXPIRED_TASK, binding="dpop", client_auth="spiffe_jwt"),
         False,
         ("forbid-expired-task",),
         None,
@@ -564,7 +583,14 @@ EXAMPLE_CASES = [
     ),
     (
         "tool-workload-gets-no-data",
-        request("spiffe://example.org/tool/web-search", CRM, "read", task=TASK),
+        request(
+            "spiffe://example.org/tool/web-search",
+            CRM,
+            "read",
+            task=TASK,
+            binding="mtls",
+            client_auth="spiffe_x509",
+        ),
         False,
         (),
         None,
@@ -578,7 +604,14 @@ EXAMPLE_CASES = [
     ),
     (
         "admin-gets-no-token",
-        request("spiffe://example.org/ops/sts-admin", CRM, "read", task=TASK),
+        request(
+            "spiffe://example.org/ops/sts-admin",
+            CRM,
+            "read",
+            task=TASK,
+            binding="mtls",
+            client_auth="spiffe_x509",
+        ),
         False,
         (),
         None,
@@ -592,7 +625,7 @@ EXAMPLE_CASES = [
     ),
     (
         "partner-reads-crm-forbidden",
-        request(PARTNER, CRM, "read", task=TASK),
+        request(PARTNER, CRM, "read", task=TASK, binding="mtls", client_auth="spiffe_x509"),
         False,
         ("forbid-foreign-data",),
         None,
@@ -634,5 +667,10 @@ def test_restricted_example_needs_mtls() -> None:
     """The example guardrail on restricted data, against a catalog that has restricted data."""
     cedar = CedarPolicy.from_directory(EXAMPLES, Catalog([WEB_SEARCH, CRM, VAULT]))
     unbound = cedar.decide(request(AGENT, VAULT, "read", task=TASK))
-    assert (unbound.allowed, unbound.policy_ids) == (False, ("forbid-restricted-data-unbound",))
-    assert cedar.decide(request(AGENT, VAULT, "read", task=TASK, binding="mtls")).allowed
+    assert (unbound.allowed, unbound.policy_ids) == (
+        False,
+        ("forbid-restricted-data-unbound", "forbid-confidential-data-unbound"),
+    )
+    assert cedar.decide(
+        request(AGENT, VAULT, "read", task=TASK, binding="mtls", client_auth="spiffe_x509")
+    ).allowed

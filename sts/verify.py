@@ -1,0 +1,786 @@
+"""The resource server's side: check an access token of this STS before serving a request.
+
+:class:`TokenVerifier` is configured with the issuer, the resource server's own audience (its catalog
+id) and the one token class it serves (``tool`` or ``data``). It discovers the class's key set through
+RFC 8414 metadata (``<class>_jwks_uri``, else ``jwks_uri``) and trusts only keys whose ``kid`` names
+that class, so a data service can never accept a tool token, whatever its ``aud`` says. Checks, in
+this order (RFC 9068 §4, RFC 8725 §3.1, RFC 9449 §7, RFC 8705 §3, RFC 7662):
+
+1. compact JWS, header ``typ: at+jwt``, ``alg: ES256`` (nothing else), no ``crit``, a ``kid`` of our class;
+2. the signature, with the key of that ``kid`` (refreshing the key set on an unknown ``kid`` at most
+   once per interval);
+3. ``iss``, ``aud`` = this server, ``token_class``, ``exp``/``nbf``/``iat`` with a small leeway, and
+   the RFC 9068 claims present;
+4. ``cnf``: ``x5t#S256`` against the caller's TLS client certificate, ``jkt`` against a DPoP proof
+   (``htm``, ``htu``, ``ath``, single-use ``jti``); a bound token without its proof is refused, and so
+   is a DPoP-bound token sent as ``Bearer``;
+5. revocation: introspection at the STS (as this server's own SPIFFE identity) with a short cache,
+   failing closed once the STS has been unreachable past a bound;
+6. scope.
+
+Failures are :class:`InvalidAccessToken` (RFC 6750 ``invalid_token``, 401), :class:`DpopProofRefused`
+(RFC 9449 ``invalid_dpop_proof``, 401), :class:`InsufficientScope` (403) or
+:class:`~sts.errors.TemporarilyUnavailable` (503); each knows its ``WWW-Authenticate`` challenge.
+:meth:`TokenVerifier.require_token` is the Flask decorator that renders them.
+
+The warm path (keys and introspection cached) decodes the header once, verifies the signature with a
+key parsed once, and does no I/O. Time is injectable (``clock``, ``now``).
+
+Must not import the server side (``sts.exchange``, ``sts.web``, ``sts.keys``).
+"""
+
+from __future__ import annotations
+
+import binascii
+import functools
+import hmac
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+import requests
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from flask import Response, g, jsonify, request
+
+from sts.binding import DPOP_ALGORITHMS, DpopVerifier, InvalidDpopProof, certificate_thumbprint
+from sts.client import CachedJwtSvid, SvidSource, WorkloadApiSvids
+from sts.errors import StsError, TemporarilyUnavailable
+
+log = logging.getLogger(__name__)
+
+ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})  # RFC 9068 §4 (media types: any case)
+TOKEN_CLASSES = frozenset({"tool", "data"})
+MAX_TOKEN_CHARS = 8192
+MAX_REMEMBERED_HEADERS = 64  # one per key in practice; more means someone is sending junk headers
+REQUIRED_STRING_CLAIMS = ("iss", "sub", "client_id", "jti", "token_class")
+REQUIRED_TIME_CLAIMS = ("exp", "iat")
+NOT_OURS = "the access token is not a valid token of this issuer for this service"
+_ES256 = ec.ECDSA(hashes.SHA256())
+_FROM_URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")  # '+' and '/' become invalid, as base64url wants
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class InvalidAccessToken(StsError):
+    """RFC 6750 §3.1 ``invalid_token``: the token is malformed, not ours, expired, revoked or misused.
+
+    ``rule`` names the check that failed (for logs and tests); the description says it in words
+    without key material. ``scheme`` is the challenge to answer with (``Bearer`` or ``DPoP``).
+    """
+
+    error = "invalid_token"
+    status = 401
+
+    def __init__(
+        self, rule: str, description: str, *, scheme: str = "Bearer", detail: str | None = None
+    ) -> None:
+        super().__init__(description, detail=detail)
+        self.rule = rule
+        self.scheme = scheme
+
+    def challenge_parameters(self) -> dict[str, str]:
+        description = self.description.replace("\\", "").replace('"', "'")
+        return {"error": self.error, "error_description": description}
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": challenge(self.scheme, self.challenge_parameters())}
+
+
+class MissingToken(InvalidAccessToken):
+    """RFC 6750 §3.1: no credentials at all; the challenge carries no error code, only the schemes."""
+
+    def __init__(self) -> None:
+        super().__init__("missing", "send an access token: Authorization: Bearer|DPoP <token>")
+
+    def challenge_parameters(self) -> dict[str, str]:
+        return {}
+
+
+class DpopProofRefused(InvalidAccessToken):
+    """RFC 9449 §7.1: the DPoP proof is missing, malformed, replayed or made with another key."""
+
+    error = "invalid_dpop_proof"
+
+    def __init__(self, description: str, *, detail: str | None = None) -> None:
+        super().__init__("dpop_proof", description, scheme="DPoP", detail=detail)
+
+
+class InsufficientScope(InvalidAccessToken):
+    """RFC 6750 §3.1 ``insufficient_scope`` (403): a good token without the scope this endpoint needs."""
+
+    error = "insufficient_scope"
+    status = 403
+
+    def __init__(self, required: frozenset[str], *, scheme: str) -> None:
+        wanted = " ".join(sorted(required))
+        super().__init__("scope", f"this endpoint needs scope {wanted}", scheme=scheme)
+        self.required = required
+
+    def challenge_parameters(self) -> dict[str, str]:
+        return super().challenge_parameters() | {"scope": " ".join(sorted(self.required))}
+
+
+def challenge(scheme: str, parameters: Mapping[str, str]) -> str:
+    """An RFC 9110 §11.6.1 challenge; a ``DPoP`` one also lists the proof algorithms (RFC 9449 §7.1)."""
+    items = dict(parameters)
+    if scheme == "DPoP":
+        items["algs"] = " ".join(DPOP_ALGORITHMS)
+    rendered = ", ".join(f'{name}="{value}"' for name, value in items.items())
+    return f"{scheme} {rendered}".rstrip()
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """A token that passed every check; what a view may rely on."""
+
+    token: str
+    claims: Mapping[str, Any]
+    subject: str
+    client_id: str
+    scopes: frozenset[str]
+    jti: str
+    expires_at: int
+    token_class: str
+    task_id: str | None
+    binding: str  # "dpop", "mtls", "dpop+mtls" or "none"
+
+    def __repr__(self) -> str:
+        return f"VerifiedToken(subject={self.subject!r}, jti={self.jti!r}, scopes={sorted(self.scopes)!r})"
+
+
+class RevocationCheck(Protocol):
+    """Is a token (already verified locally) still active? Introspection, or a pushed revocation feed."""
+
+    def active(self, token: str, claims: Mapping[str, Any], now: float) -> bool: ...
+
+
+@dataclass(slots=True)
+class _Answer:
+    active: bool
+    checked_at: float
+    expires_at: float
+
+
+class Introspection:
+    """RFC 7662 at the STS, as this resource server (its JWT-SVID as bearer), with a short cache.
+
+    An ``active`` answer is trusted for ``cache_seconds``; an inactive one until the token's ``exp``
+    (revocation is final). When the STS cannot answer, a token seen active is accepted for another
+    ``unreachable_grace`` seconds and then refused (:class:`~sts.errors.TemporarilyUnavailable`):
+    fail closed. After a failed call the STS is left alone for ``retry_after_failure`` seconds, so
+    that an outage does not cost every request a timeout. Concurrent checks of one token share one call.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        bearer: Callable[[], str],
+        *,
+        session: requests.Session | None = None,
+        cache_seconds: float = 5.0,
+        unreachable_grace: float = 30.0,
+        timeout: float = 3.0,
+        retry_after_failure: float = 1.0,
+        max_entries: int = 100_000,
+    ) -> None:
+        self._endpoint = endpoint
+        self._retry_after_failure = retry_after_failure
+        self._down_until = float("-inf")
+        self._bearer = bearer
+        self._session = session if session is not None else requests.Session()
+        self._cache_seconds = cache_seconds
+        self._grace = unreachable_grace
+        self._timeout = timeout
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._answers: dict[str, _Answer] = {}
+        self._flights: dict[str, threading.Lock] = {}
+
+    def active(self, token: str, claims: Mapping[str, Any], now: float) -> bool:
+        jti = str(claims["jti"])
+        with self._lock:
+            answer = self._answers.get(jti)
+            if answer is not None and (not answer.active or now - answer.checked_at < self._cache_seconds):
+                return answer.active
+            flight = self._flights.setdefault(jti, threading.Lock())
+        with flight:
+            with self._lock:
+                answer = self._answers.get(jti)
+                if answer is not None and (
+                    not answer.active or now - answer.checked_at < self._cache_seconds
+                ):
+                    return answer.active
+            try:
+                active = self._ask(token, jti, now)
+            except TemporarilyUnavailable:
+                if (
+                    answer is not None
+                    and answer.active
+                    and now - answer.checked_at < self._cache_seconds + self._grace
+                ):
+                    log.warning(
+                        "introspection failed; accepting %s on its answer of %.0fs ago",
+                        jti,
+                        now - answer.checked_at,
+                    )
+                    return True
+                raise
+            finally:
+                with self._lock:
+                    if self._flights.get(jti) is flight:
+                        del self._flights[jti]
+            with self._lock:
+                if len(self._answers) >= self._max_entries:
+                    self._prune(now)
+                self._answers[jti] = _Answer(active, now, float(claims["exp"]))
+            return active
+
+    def _ask(self, token: str, jti: str, now: float) -> bool:
+        if now < self._down_until:
+            raise TemporarilyUnavailable("the STS could not be reached a moment ago")
+        try:
+            return self._call(token, jti)
+        except TemporarilyUnavailable:
+            self._down_until = max(self._down_until, now + self._retry_after_failure)
+            raise
+
+    def _call(self, token: str, jti: str) -> bool:
+        try:
+            response = self._session.post(
+                self._endpoint,
+                data={"token": token, "token_type_hint": "access_token"},
+                headers={"Authorization": f"Bearer {self._bearer()}"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as e:
+            raise TemporarilyUnavailable(
+                "the STS cannot be reached to check revocation", detail=str(e)
+            ) from e
+        if response.status_code != 200:
+            # Our own credentials refused, or the STS down: either way we cannot know; fail closed.
+            raise TemporarilyUnavailable(
+                "the STS did not answer the revocation check",
+                detail=f"introspection: HTTP {response.status_code}",
+            )
+        try:
+            body = response.json()
+        except ValueError as e:
+            raise TemporarilyUnavailable("the STS did not answer the revocation check") from e
+        # An active answer must be about this very token (RFC 7662 §2.2 repeats its claims).
+        return isinstance(body, dict) and body.get("active") is True and body.get("jti") == jti
+
+    def _prune(self, now: float) -> None:
+        for jti in [j for j, a in self._answers.items() if a.expires_at < now]:
+            del self._answers[jti]
+        while len(self._answers) >= self._max_entries:  # still full of live tokens: forget the oldest
+            del self._answers[next(iter(self._answers))]
+
+
+class ReplayCache:
+    """Single use of DPoP proof ``jti`` values in this process (RFC 9449 §11.1).
+
+    Several replicas of a resource server need a shared store instead: pass its ``use_once``.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, max_entries: int = 200_000) -> None:
+        self._clock = clock
+        self._max_entries = max_entries
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def use_once(self, key: str, expires_at: int) -> bool:
+        with self._lock:
+            if key in self._seen:
+                return False
+            if len(self._seen) >= self._max_entries:
+                now = self._clock()
+                self._seen = {k: e for k, e in self._seen.items() if e >= now}
+                if len(self._seen) >= self._max_entries:
+                    return False  # full of live proofs: refuse rather than forget one (no replay window)
+            self._seen[key] = expires_at
+            return True
+
+
+@dataclass(frozen=True, slots=True)
+class _KeySet:
+    keys: Mapping[str, ec.EllipticCurvePublicKey]
+    fetched_at: float
+
+
+class TokenVerifier:
+    """Verifies access tokens of one class for one audience; see the module docstring for the rules.
+
+    ``revocation``: how to learn of revoked tokens. By default :class:`Introspection` at the STS as
+    this server's workload (JWT-SVID from ``socket``/``svids``, else ``SPIFFE_ENDPOINT_SOCKET``);
+    :meth:`without_revocation_check` makes a verifier that accepts revoked tokens until ``exp``.
+    ``key_refresh_interval``: at most one key-set fetch per interval on an unknown ``kid``;
+    ``keys_max_age``: the key set is re-fetched when older (retired keys stop being trusted).
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        token_class: str,
+        revocation: RevocationCheck | None = None,
+        socket: str | None = None,
+        svids: SvidSource | None = None,
+        session: requests.Session | None = None,
+        leeway: float = 5.0,
+        key_refresh_interval: float = 30.0,
+        keys_max_age: float = 300.0,
+        introspection_cache_seconds: float = 5.0,
+        introspection_unreachable_grace: float = 30.0,
+        dpop_window_seconds: int = 60,
+        replay: Callable[[str, int], bool] | None = None,
+        timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if token_class not in TOKEN_CLASSES:
+            raise ValueError(f"token_class must be one of {', '.join(sorted(TOKEN_CLASSES))}")
+        self.issuer = issuer.rstrip("/")
+        self.audience = audience
+        self.token_class = token_class
+        self._kid_prefix = f"{token_class}-"
+        self._session = session if session is not None else requests.Session()
+        self._leeway = leeway
+        self._refresh_interval = key_refresh_interval
+        self._keys_max_age = keys_max_age
+        self._timeout = timeout
+        self._clock = clock
+        self._keys: _KeySet | None = None
+        self._headers: dict[str, str] = {}  # header segment → kid, for headers that passed every check
+        self._jwks_uri: str | None = None
+        self._keys_lock = threading.Lock()
+        self._last_fetch_attempt = float("-inf")
+        self._dpop = DpopVerifier(
+            use_once=replay if replay is not None else ReplayCache(clock=clock).use_once,
+            window_seconds=dpop_window_seconds,
+        )
+        if revocation is None:
+            source = svids if svids is not None else WorkloadApiSvids(socket, timeout=timeout)
+            revocation = Introspection(
+                f"{self.issuer}/introspect",
+                CachedJwtSvid(source, self.issuer, clock=clock).get,
+                session=self._session,
+                cache_seconds=introspection_cache_seconds,
+                unreachable_grace=introspection_unreachable_grace,
+                timeout=timeout,
+            )
+        self._revocation = revocation
+
+    @classmethod
+    def without_revocation_check(cls, **settings: Any) -> TokenVerifier:
+        """A verifier that never asks whether a token was revoked: revoked tokens pass until ``exp``."""
+        return cls(revocation=_NoRevocationCheck(), **settings)
+
+    # --- the checks -----------------------------------------------------------------------------
+
+    def verify(
+        self,
+        token: str,
+        *,
+        scheme: str = "Bearer",
+        scope: str | Iterable[str] = (),
+        dpop_proof: str | None = None,
+        method: str = "GET",
+        url: str | None = None,
+        client_certificate: x509.Certificate | None = None,
+        now: float | None = None,
+    ) -> VerifiedToken:
+        """Every check of the module docstring; ``url`` (without query) is needed for DPoP's ``htu``."""
+        current = self._clock() if now is None else now
+        presented_as = "DPoP" if scheme.lower() == "dpop" else "Bearer"
+        claims = self._claims(token, presented_as, current)
+        binding = self._check_binding(
+            token=token,
+            claims=claims,
+            scheme=presented_as,
+            proof=dpop_proof,
+            method=method,
+            url=url,
+            certificate=client_certificate,
+            now=current,
+        )
+        if not self._revocation.active(token, claims, current):
+            raise InvalidAccessToken("revoked", "the access token has been revoked", scheme=presented_as)
+        granted = frozenset(claims["scope"].split())
+        required = frozenset(scope.split() if isinstance(scope, str) else scope)
+        if not required <= granted:
+            raise InsufficientScope(required, scheme=presented_as)
+        task_id = claims.get("task_id")
+        return VerifiedToken(
+            token=token,
+            claims=claims,
+            subject=claims["sub"],
+            client_id=claims["client_id"],
+            scopes=granted,
+            jti=claims["jti"],
+            expires_at=int(claims["exp"]),
+            token_class=claims["token_class"],
+            task_id=task_id if isinstance(task_id, str) else None,
+            binding=binding,
+        )
+
+    def verify_request(
+        self,
+        *,
+        authorization: str | None,
+        dpop: Sequence[str] = (),
+        method: str,
+        url: str,
+        client_certificate: x509.Certificate | None = None,
+        scope: str | Iterable[str] = (),
+        now: float | None = None,
+    ) -> VerifiedToken:
+        """RFC 6750 §2.1 / RFC 9449 §7.1: the ``Authorization`` header (``Bearer`` or ``DPoP``) and proofs."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() not in ("bearer", "dpop") or not token:
+            raise MissingToken()
+        if len(dpop) > 1:
+            raise DpopProofRefused("send at most one DPoP proof")
+        return self.verify(
+            token,
+            scheme=scheme,
+            scope=scope,
+            dpop_proof=dpop[0] if dpop else None,
+            method=method,
+            url=url,
+            client_certificate=client_certificate,
+            now=now,
+        )
+
+    def _claims(self, token: str, scheme: str, now: float) -> dict[str, Any]:
+        """Steps 1 to 3: header, signature, then the claims (parsed only once the signature holds)."""
+        return self._check_claims(self._signed_payload(token, scheme, now), scheme, now)
+
+    def _signed_payload(self, token: str, scheme: str, now: float) -> str:
+        """Steps 1 and 2: the header and the ES256 signature; every key failure reads alike.
+
+        All tokens signed by one key share one header segment, so a header is decoded and checked once
+        and its ``kid`` remembered (a bounded map from segment to ``kid``).
+        """
+
+        def refuse(rule: str, description: str) -> InvalidAccessToken:
+            return InvalidAccessToken(rule, description, scheme=scheme)
+
+        if len(token) > MAX_TOKEN_CHARS:
+            raise refuse("malformed", "the access token is too long")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise refuse("malformed", "the access token is not a compact JWS")
+        kid = self._headers.get(parts[0])
+        if kid is None:
+            kid = self._check_header(parts[0], refuse)
+        key = self._key(kid, now)
+        try:
+            signature = _b64decode(parts[2])
+        except ValueError as e:
+            raise refuse("malformed", "the access token is not a compact JWS") from e
+        if key is None or len(signature) != 64:
+            raise refuse("key" if key is None else "signature", NOT_OURS)
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        try:
+            key.verify(der, f"{parts[0]}.{parts[1]}".encode("ascii"), _ES256)
+        except (InvalidSignature, UnicodeEncodeError) as e:
+            raise refuse("signature", NOT_OURS) from e
+        return parts[1]
+
+    def _check_header(self, segment: str, refuse: Callable[[str, str], InvalidAccessToken]) -> str:
+        """RFC 9068 §4, RFC 8725 §3.1: ``typ``, the one ``alg``, no ``crit``, a ``kid`` of our class."""
+        try:
+            header = json.loads(_b64decode(segment))
+        except ValueError as e:
+            raise refuse("malformed", "the access token is not a compact JWS") from e
+        if not isinstance(header, dict):
+            raise refuse("malformed", "the access token is not a compact JWS")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+            raise refuse("typ", "the access token's typ must be at+jwt (RFC 9068)")
+        if header.get("alg") != "ES256":  # one algorithm, fixed here, never taken from the token
+            raise refuse("alg", "the access token's alg must be ES256")
+        if "crit" in header:
+            raise refuse("crit", "the access token has critical header parameters this service does not know")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid.startswith(self._kid_prefix):
+            raise refuse("key", NOT_OURS)
+        if len(self._headers) >= MAX_REMEMBERED_HEADERS:
+            self._headers.clear()
+        self._headers[segment] = kid
+        return kid
+
+    def _check_claims(self, payload: str, scheme: str, now: float) -> dict[str, Any]:
+        """Step 3: RFC 9068 §4 claims, our ``token_class``, and the lifetime with ``leeway``."""
+
+        def refuse(rule: str, description: str) -> InvalidAccessToken:
+            return InvalidAccessToken(rule, description, scheme=scheme)
+
+        try:
+            claims = json.loads(_b64decode(payload))
+        except ValueError as e:
+            raise refuse("malformed", "the access token's claims are not JSON") from e
+        if not isinstance(claims, dict):
+            raise refuse("malformed", "the access token's claims are not a JSON object")
+        for name in REQUIRED_STRING_CLAIMS:
+            if not isinstance(claims.get(name), str):
+                raise refuse("claims", f"the access token has no {name} claim")
+        for name in REQUIRED_TIME_CLAIMS:
+            if not _is_number(claims.get(name)):
+                raise refuse("claims", f"the access token has no {name} claim")
+        if not isinstance(claims.setdefault("scope", ""), str):
+            raise refuse("claims", "the access token's scope must be a string")
+        if claims["iss"] != self.issuer:
+            raise refuse("issuer", NOT_OURS)
+        if claims.get("aud") not in (self.audience, [self.audience]):
+            raise refuse("audience", "the access token was issued for another service")
+        if claims["token_class"] != self.token_class:
+            raise refuse("token_class", "the access token is of a class this service does not accept")
+        if now >= claims["exp"] + self._leeway:
+            raise refuse("expired", "the access token has expired")
+        nbf: Any = claims.get("nbf", claims["iat"])
+        if not _is_number(nbf) or max(nbf, claims["iat"]) > now + self._leeway:
+            raise refuse("not_yet_valid", "the access token is not valid yet")
+        return claims
+
+    def _check_binding(
+        self,
+        *,
+        token: str,
+        claims: Mapping[str, Any],
+        scheme: str,
+        proof: str | None,
+        method: str,
+        url: str | None,
+        certificate: x509.Certificate | None,
+        now: float,
+    ) -> str:
+        """Step 4: RFC 9449 §7.1 (``jkt``) and RFC 8705 §3 (``x5t#S256``); each ``cnf`` member must hold."""
+        cnf = claims.get("cnf")
+        if cnf is None:
+            if scheme == "DPoP":
+                raise InvalidAccessToken("scheme", "this access token is not DPoP-bound; send it as Bearer")
+            return "none"
+        if not isinstance(cnf, dict) or not cnf or set(cnf) - {"jkt", "x5t#S256"}:
+            raise InvalidAccessToken("cnf", "the access token is bound in a way this service cannot check")
+        kinds = []
+        jkt = cnf.get("jkt")
+        if jkt is not None:
+            if scheme != "DPoP":
+                raise InvalidAccessToken(
+                    "scheme",
+                    "this access token is DPoP-bound: send it with the DPoP scheme and a proof",
+                    scheme="DPoP",
+                )
+            if url is None:
+                raise DpopProofRefused("this service cannot check DPoP proofs here")
+            try:
+                checked = self._dpop.verify(
+                    proof, method=method.upper(), urls=(url,), access_token=token, now=now
+                )
+            except InvalidDpopProof as e:
+                raise DpopProofRefused(e.description) from e
+            if not hmac.compare_digest(checked.jkt, str(jkt)):
+                raise DpopProofRefused("the DPoP proof is not made with the key the access token is bound to")
+            kinds.append("dpop")
+        x5t = cnf.get("x5t#S256")
+        if x5t is not None:
+            if certificate is None or not hmac.compare_digest(certificate_thumbprint(certificate), str(x5t)):
+                raise InvalidAccessToken(
+                    "mtls",
+                    "this access token is bound to a TLS client certificate this connection did not present",
+                    scheme=scheme,
+                )
+            kinds.append("mtls")
+        return "+".join(kinds)
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def _key(self, kid: str, now: float) -> ec.EllipticCurvePublicKey | None:
+        """The key of ``kid``; fetches the key set when missing, old, or without ``kid`` (rate-limited)."""
+        keys = self._keys
+        if keys is not None:
+            key = keys.keys.get(kid)
+            if key is not None and now - keys.fetched_at < self._keys_max_age:
+                return key
+        with self._keys_lock:
+            keys = self._keys
+            stale = keys is None or now - keys.fetched_at >= self._keys_max_age
+            missing = keys is None or kid not in keys.keys
+            if (stale or missing) and now - self._last_fetch_attempt >= self._refresh_interval:
+                self._last_fetch_attempt = now
+                try:
+                    keys = self._keys = _KeySet(self._fetch_keys(), now)
+                except TemporarilyUnavailable:
+                    if keys is None:
+                        raise
+                    log.warning(
+                        "could not refresh the %s key set; keeping the one from before", self.token_class
+                    )
+        if keys is None:
+            raise TemporarilyUnavailable("the STS's signing keys are not known yet")
+        return keys.keys.get(kid)
+
+    def refresh_keys(self) -> None:
+        """Fetch the key set now (start-up warm-up, or after a known rotation)."""
+        with self._keys_lock:
+            now = self._clock()
+            self._last_fetch_attempt = now
+            self._keys = _KeySet(self._fetch_keys(), now)
+
+    def _fetch_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        if self._jwks_uri is None:
+            metadata = self._get_json(f"{self.issuer}/.well-known/oauth-authorization-server")
+            if metadata.get("issuer") != self.issuer:  # RFC 8414 §3.3
+                raise TemporarilyUnavailable("the STS metadata names another issuer")
+            uri = metadata.get(f"{self.token_class}_jwks_uri") or metadata.get("jwks_uri")
+            if not isinstance(uri, str):
+                raise TemporarilyUnavailable("the STS metadata has no jwks_uri")
+            self._jwks_uri = uri
+        jwks = self._get_json(self._jwks_uri)
+        found: dict[str, ec.EllipticCurvePublicKey] = {}
+        for jwk in jwks.get("keys", []) if isinstance(jwks.get("keys"), list) else []:
+            key = self._parse_jwk(jwk)
+            if key is not None:
+                found[jwk["kid"]] = key
+        log.info("trusting %d %s signing keys from %s", len(found), self.token_class, self._jwks_uri)
+        return found
+
+    def _parse_jwk(self, jwk: Any) -> ec.EllipticCurvePublicKey | None:
+        """An ES256 verification key of our class, or None (other classes and kinds are skipped)."""
+        if not isinstance(jwk, dict) or not str(jwk.get("kid", "")).startswith(self._kid_prefix):
+            return None
+        if (jwk.get("kty"), jwk.get("crv")) != ("EC", "P-256") or jwk.get("use", "sig") != "sig":
+            return None
+        if jwk.get("alg", "ES256") != "ES256" or "d" in jwk:
+            return None
+        try:
+            x = int.from_bytes(_b64decode(jwk["x"]), "big")
+            y = int.from_bytes(_b64decode(jwk["y"]), "big")
+            return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _get_json(self, url: str) -> dict[str, Any]:
+        try:
+            response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
+            response.raise_for_status()
+            body = response.json()
+        except (requests.RequestException, ValueError) as e:
+            raise TemporarilyUnavailable("the STS's keys cannot be fetched", detail=f"{url}: {e}") from e
+        if not isinstance(body, dict):
+            raise TemporarilyUnavailable("the STS's keys cannot be fetched", detail=f"{url}: not an object")
+        return body
+
+    # --- Flask ----------------------------------------------------------------------------------
+
+    def require_token(
+        self,
+        scope: str | Iterable[str] = (),
+        *,
+        public_base_url: str | None = None,
+    ) -> Callable[[Callable[_P, _R]], Callable[_P, _R | Response]]:
+        """Flask decorator: the view runs only with a verified token (``current_token()``), else RFC 6750.
+
+        ``public_base_url``: the scheme and host clients use, when a proxy stands in front (DPoP's
+        ``htu`` is checked against it and the request path).
+        """
+        required = frozenset(scope.split() if isinstance(scope, str) else scope)
+
+        def decorator(view: Callable[_P, _R]) -> Callable[_P, _R | Response]:
+            @functools.wraps(view)
+            def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R | Response:
+                url = f"{public_base_url.rstrip('/')}{request.path}" if public_base_url else request.base_url
+                try:
+                    g.sts_token = self.verify_request(
+                        authorization=request.headers.get("Authorization"),
+                        dpop=request.headers.getlist("DPoP"),
+                        method=request.method,
+                        url=url,
+                        client_certificate=client_certificate(request.environ),
+                        scope=required,
+                    )
+                except StsError as e:
+                    return error_response(e)
+                return view(*args, **kwargs)
+
+            return guarded
+
+        return decorator
+
+
+class _NoRevocationCheck:
+    def active(self, token: str, claims: Mapping[str, Any], now: float) -> bool:
+        return True
+
+
+def current_token() -> VerifiedToken:
+    """The token :meth:`TokenVerifier.require_token` verified for this request."""
+    token: VerifiedToken = g.sts_token
+    return token
+
+
+def error_response(error: StsError) -> Response:
+    """The RFC 6750 §3 answer: JSON error body and challenge(s); no token at all gets both schemes."""
+    log.info(
+        "refused %s %s: %s %s", request.method, request.path, error.error, error.detail or error.description
+    )
+    if isinstance(error, MissingToken):
+        body: dict[str, str] = {"error": "invalid_token", "error_description": error.description}
+    else:
+        body = error.to_json()
+    response = jsonify(body)
+    response.status_code = error.status
+    if isinstance(error, MissingToken):
+        response.headers.add("WWW-Authenticate", "Bearer")
+        response.headers.add("WWW-Authenticate", challenge("DPoP", {}))
+    else:
+        for name, value in error.headers().items():
+            response.headers[name] = value
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def client_certificate(environ: Mapping[str, Any]) -> x509.Certificate | None:
+    """The TLS client certificate of this request, from the WSGI server.
+
+    ``SSL_CLIENT_CERT`` (PEM) is what werkzeug, nginx and Apache pass; gunicorn (our TLS listener)
+    hands over its socket instead. Without either, there is no certificate: an mTLS-bound token fails.
+    """
+    pem = environ.get("SSL_CLIENT_CERT")
+    if isinstance(pem, str) and pem.strip():
+        try:
+            return x509.load_pem_x509_certificate(pem.encode("ascii"))
+        except ValueError:
+            return None
+    sock = environ.get("gunicorn.socket")
+    if isinstance(sock, ssl.SSLSocket):
+        der = sock.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der) if der else None
+    return None
+
+
+def _b64decode(segment: str) -> bytes:
+    """base64url without padding (RFC 7515 §2), strictly: any other character is a ValueError."""
+    try:
+        data = (segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_FROM_URLSAFE)
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise ValueError("not base64url") from e
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
