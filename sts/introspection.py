@@ -110,7 +110,8 @@ class Introspection:
                 now=current,
             )
             return dict(INACTIVE)
-        response = {"active": True, "token_type": "Bearer"}
+        bound_to_dpop = isinstance(claims.get("cnf"), dict) and "jkt" in claims["cnf"]
+        response = {"active": True, "token_type": "DPoP" if bound_to_dpop else "Bearer"}
         response.update({name: claims[name] for name in _REPEATED if name in claims})
         return response
 

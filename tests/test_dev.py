@@ -17,7 +17,7 @@ import pytest
 import requests
 from spiffe import WorkloadApiClient
 
-from tests.conftest import free_port
+from sts.demo_story import free_port_pair
 
 DEMO_WORKLOADS = {"agent", "orchestrator", "tool", "data", "admin", "partner"}
 
@@ -49,7 +49,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevEnvironment]:
     state_dir = tmp_path_factory.mktemp("dev")
     log = (state_dir / "dev.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "sts.cli", "dev", "--state-dir", str(state_dir), "--port", str(free_port())],
+        [sys.executable, "-m", "sts.cli", "dev", "--state-dir", str(state_dir), "--port", str(free_port_pair())],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
