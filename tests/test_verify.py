@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import statistics
 import time
-import timeit
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from flask import Flask
 
 from sts.binding import DpopKey, b64url
@@ -321,25 +319,16 @@ def test_unknown_kid_refreshes_keys_at_most_once_per_interval(sts_dev: Dev, agen
     assert calls.count("/jwks/tool.json") == 2
 
 
-def test_warm_path_does_no_io_and_costs_about_one_signature_check(sts_dev: Dev, agent: TokenClient) -> None:
+def test_warm_path_does_no_io(sts_dev: Dev, agent: TokenClient) -> None:
+    """A warm verify makes no request to the STS. Its cost is measured in bench/, never asserted here."""
     calls = RequestLog()
     verifier = sts_dev.verifier(TOOL, "tool", session=calls.session(), introspection_cache_seconds=3600)
     token = agent.token(audience=TOOL, scope="invoke").value
     verifier.verify(token)
     requests_before = len(calls.paths)
-    key = signing_key(sts_dev, "tool")[0].public_key()
-    head, payload, signature = token.split(".")
-    raw = jwt.utils.base64url_decode(signature)
-    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-    algorithm = ec.ECDSA(hashes.SHA256())
-    signed = f"{head}.{payload}".encode()
-    ratios = []
-    for _ in range(9):  # interleaved, so that a busy machine slows both sides alike
-        bare = timeit.timeit(lambda: key.verify(der, signed, algorithm), number=200)
-        ours = timeit.timeit(lambda: verifier.verify(token), number=200)
-        ratios.append(ours / bare)
+    for _ in range(50):
+        verifier.verify(token)
     assert len(calls.paths) == requests_before
-    assert statistics.median(ratios) < 3  # the target is 1.5x; a loose bound keeps a busy CI machine green
 
 
 # --- binding ---------------------------------------------------------------------------------------
