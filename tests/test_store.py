@@ -635,7 +635,8 @@ def test_redis_down_fails_fast_and_the_same_store_recovers(own_redis: RedisServe
         with pytest.raises(StoreUnavailable):
             call(store)
         slow[name] = time.monotonic() - started
-    assert max(slow.values()) < 0.5, slow
+    # Fail fast, not after redis-py's default retries with backoff (seconds); loose for a shared machine.
+    assert max(slow.values()) < 2.0, slow
 
     own_redis.start()  # empty: it kept nothing (--save "")
     store.ping()
