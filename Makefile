@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test lint typecheck unit clean bench bench-peer
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,23 @@ run: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check sts spire tests
+	$(BIN)/ruff check sts spire tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+## bench: the benchmark end to end on loopback (needs wrk); QUICK=1 for about a minute (N=16,64, no peer)
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install -y wrk"; exit 2; }
+	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick)
+
+## bench-peer: the full benchmark, then authgent-server (PyPI, throwaway venv) with the same load shape
+bench-peer: $(STAMP)
+	@command -v wrk >/dev/null || { echo "make bench-peer needs wrk: apt-get install -y wrk"; exit 2; }
+	$(BIN)/python -m bench --peer
 
 clean:
 	rm -rf $(VENV) state .mypy_cache .ruff_cache .pytest_cache

@@ -2,6 +2,7 @@
 
 Modules: ``ours`` (config, SVID pool, our server as ``sts serve`` starts it), ``load`` (wrk driver and
 its Lua script), ``inprocess`` (crypto ceiling, per-stage costs, profile), ``servers`` (granian vs
-gunicorn with the same app), ``peer`` (authgent-server in a throwaway venv), ``run`` (the CLI, the
-table and ``bench/results/latest.json``). Nothing here is imported by ``sts``.
+gunicorn with the same app), ``pyspy`` (GIL samples of the live workers), ``peer`` (authgent-server in
+a throwaway venv), ``run`` (the CLI, the table and ``bench/results/latest.json``). Nothing here is
+imported by ``sts``; see bench/README.md.
 """

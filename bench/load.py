@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.ours import PoolRequest, cpu_seconds, process_tree
+from bench.ours import PoolRequest, busy_cpu_seconds, cpu_seconds, process_tree
 
 LUA = Path(__file__).with_name("load.lua")
 
@@ -130,14 +130,18 @@ def run_wrk(
         str(requests_file),
     ]
     pids = process_tree(server_pid) if server_pid else []
-    server_before = cpu_seconds(pids)
+    server_before = {pid: cpu_seconds([pid]) for pid in pids}
+    busy_before = busy_cpu_seconds()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # wait4 gives the generator's own CPU time: how much of the shared cores the load itself took.
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     out, err = process.stdout.read().decode(), process.stderr.read().decode()
-    server_after = cpu_seconds(pids)
+    # Per process: keep-alive connections can pile onto one worker; the split shows whether they did.
+    server_by_process = [cpu_seconds([pid]) - before for pid, before in server_before.items()]
+    busy = busy_cpu_seconds() - busy_before
     line = next((x for x in out.splitlines() if x.startswith("BENCH_RESULT ")), None)
     if process.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
@@ -145,6 +149,9 @@ def run_wrk(
     correct: dict[str, int] = data["correct"]
     socket_errors = data["socket_errors"]
     wall = data["duration_us"] / 1e6
+    generator_cpu = usage.ru_utime + usage.ru_stime
+    # What else kept the cores busy meanwhile (other users of this shared machine): a disturbed run shows.
+    others = max(0.0, busy - sum(server_by_process) - generator_cpu) if server_pid else None
     valid_ok = correct.get("valid", 0)
     refused_ok = sum(n for kind, n in correct.items() if kind != "valid")
     # connect/read/write errors and timeouts are errors; answers we could not match to a request too.
@@ -160,9 +167,11 @@ def run_wrk(
         p90_ms=data["p90_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
         max_ms=data["max_us"] / 1000,
-        generator_cpu_s=usage.ru_utime + usage.ru_stime,
-        server_cpu_s=server_after - server_before,
+        generator_cpu_s=generator_cpu,
+        server_cpu_s=sum(server_by_process),
         detail={
+            "server_cores_by_process": [round(c / wall, 3) for c in server_by_process],
+            "other_cores": None if others is None else round(others / wall, 3),
             "correct_by_kind": correct,
             "socket_errors": socket_errors,
             "wrong": data["wrong"],
@@ -170,6 +179,22 @@ def run_wrk(
             **({"wrong_sample": data["wrong_sample"]} if data["wrong_sample"] else {}),
         },
     )
+
+
+def wait_quiet(*, threshold_cores: float = 0.25, max_wait_s: float = 30.0, window_s: float = 0.5) -> float:
+    """Before a run, wait (up to ``max_wait_s``) until the machine is idle but for ``threshold_cores``.
+
+    Between runs our server is idle, so what keeps cores busy is someone else's (this machine is
+    shared). Returns the seconds waited; the run then reports ``other_cores`` either way.
+    """
+    started = time.monotonic()
+    while True:
+        before = busy_cpu_seconds()
+        time.sleep(window_s)
+        if (busy_cpu_seconds() - before) / window_s <= threshold_cores:
+            return time.monotonic() - started
+        if time.monotonic() - started >= max_wait_s:
+            return time.monotonic() - started
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +220,7 @@ class Summary:
             "generator_cores": round(self.median(lambda r: r.generator_cpu_s / r.seconds), 3),
             "server_cores": round(self.median(lambda r: r.server_cpu_s / r.seconds), 3),
             "server_cpu_us_per_request": round(self.median(lambda r: r.server_cpu_us_per_request), 1),
+            "other_cores": round(self.median(lambda r: r.detail.get("other_cores") or 0.0), 3),
             "runs": [r.to_json() for r in self.runs],
         }
 
@@ -215,13 +241,16 @@ def sweep(
     results: dict[int, list[LoadResult]] = {n: [] for n in connections}
     for repeat in range(repeats):
         for n in connections:
+            waited = wait_quiet()
+            if waited > 1:
+                log(f"  (waited {waited:.0f} s for other load on the machine to calm down)")
             result = run_wrk(url, requests_file, connections=n, seconds=seconds, server_pid=server_pid)
             results[n].append(result)
             log(
                 f"  {label}N={n:<3} run {repeat + 1}/{repeats}: {result.exchanges_per_s:8.0f} exchanges/s  "
                 f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.error_rate:.2%}  "
                 f"server {result.server_cpu_s / result.seconds:.2f} cores, wrk "
-                f"{result.generator_cpu_s / result.seconds:.2f}"
+                f"{result.generator_cpu_s / result.seconds:.2f}, others {result.detail['other_cores']}"
                 + (f"  [{result.detail['wrong_sample']}]" if "wrong_sample" in result.detail else "")
             )
             time.sleep(pause_s)

@@ -99,28 +99,38 @@ def free_port() -> int:
 
 
 def write_config(
-    directory: Path, port: int, authority: TestAuthority, server: str = "", name: str = "sts.yaml"
+    directory: Path,
+    port: int,
+    authority: TestAuthority,
+    server: str = "",
+    name: str = "sts.yaml",
+    state: str = "sts",
+    issuer: str | None = None,
+    store: str | None = None,
 ) -> Path:
     """Config with the embedded SQLite store, the catalog, the policies, and no throttling of the load.
 
     ``server`` (a YAML flow mapping such as ``{workers: 2, threads: 1}``) overrides the server's
-    defaults for a variant; empty means the defaults ``sts serve`` picks for this machine.
+    defaults for a variant; empty means the defaults ``sts serve`` picks for this machine. ``state``
+    names the database and audit files, so in-process measurements keep out of the server's.
+    ``issuer`` (default: this server's URL) lets a variant on another port accept the same SVIDs;
+    ``store`` (default: the embedded SQLite file) lets a variant measure what the store costs.
     """
     (directory / "policies").mkdir(parents=True, exist_ok=True)
     (directory / "policies" / "bench.cedar").write_text(POLICIES)
     authority.write_bundle(directory / "example.org.json")
     config = directory / name
     config.write_text(
-        f"issuer: http://{HOST}:{port}\n"
+        f"issuer: {issuer or f'http://{HOST}:{port}'}\n"
         f"listen: {{host: {HOST}, port: {port}}}\n"
         "trust_domains:\n"
         "  example.org: {bundle_file: example.org.json}\n"
         "keys: {dir: keys}\n"
-        f"store: {{url: 'sqlite:///{directory}/sts.db'}}\n"
+        f"store: {{url: '{store or f'sqlite:///{directory}/{state}.db'}'}}\n"
         "limits: {per_workload_per_second: 1000000000, tokens_per_task: 200}\n"
         f"{CATALOG}"
         "policy: {dir: policies}\n"
-        "audit: {path: audit.jsonl}\n"
+        f"audit: {{path: {state}-audit.jsonl}}\n"
         "log_level: INFO\n" + (f"server: {server}\n" if server else "")
     )
     return config
@@ -128,12 +138,18 @@ def write_config(
 
 def _form(token: str, target: Mapping[str, str], scope: str) -> str:
     return urlencode(
-        {"grant_type": GRANT, "subject_token_type": JWT_TYPE, "subject_token": token, **target, "scope": scope}
+        {
+            "grant_type": GRANT,
+            "subject_token_type": JWT_TYPE,
+            "subject_token": token,
+            **target,
+            "scope": scope,
+        }
     )
 
 
 def make_pool(authority: TestAuthority, issuer: str, seed: int = 7) -> list[PoolRequest]:
-    """90% valid exchanges over workloads × SVIDs × targets, 10% refused in four ways, shuffled."""
+    """90% valid exchanges over workloads, SVIDs and targets; 10% refused in four ways; shuffled."""
     rng = random.Random(seed)
     now = time.time()
     svids = [
@@ -148,12 +164,18 @@ def make_pool(authority: TestAuthority, issuer: str, seed: int = 7) -> list[Pool
         ({"audience": "data:crm"}, "read"),
     ]
     expired = authority.mint("spiffe://example.org/agent/a0", issuer, ttl=60, now=now - 7200)
-    wrong_aud = authority.mint("spiffe://example.org/agent/a1", "https://elsewhere.example", ttl=SVID_TTL_SECONDS)
+    wrong_aud = authority.mint(
+        "spiffe://example.org/agent/a1", "https://elsewhere.example", ttl=SVID_TTL_SECONDS
+    )
     quarantined = authority.mint("spiffe://example.org/quarantine/q1", issuer, ttl=SVID_TTL_SECONDS)
     refusals: list[tuple[str, str, str]] = [
         ("expired", _form(expired, {"audience": "tool:web-search"}, "invoke"), '"invalid_request"'),
         ("wrong_audience", _form(wrong_aud, {"audience": "tool:calc"}, "invoke"), '"invalid_request"'),
-        ("unknown_target", _form(svids[0], {"audience": "tool:does-not-exist"}, "invoke"), '"invalid_target"'),
+        (
+            "unknown_target",
+            _form(svids[0], {"audience": "tool:does-not-exist"}, "invoke"),
+            '"invalid_target"',
+        ),
         ("policy_deny", _form(svids[1], {"audience": "data:vault"}, "read"), '"invalid_target"'),
         ("policy_deny", _form(quarantined, {"audience": "tool:web-search"}, "invoke"), '"invalid_target"'),
     ]
@@ -170,8 +192,8 @@ def make_pool(authority: TestAuthority, issuer: str, seed: int = 7) -> list[Pool
     return pool
 
 
-def check_pool(url: str, pool: list[PoolRequest]) -> list[str]:
-    """Send one request of each kind and report any whose answer is not the expected one."""
+def check_pool(url: str, pool: list[PoolRequest]) -> tuple[list[str], int]:
+    """Send one request of each kind; (answers that are not the expected one, requests sent)."""
     problems: list[str] = []
     seen: set[str] = set()
     for item in pool:
@@ -182,7 +204,7 @@ def check_pool(url: str, pool: list[PoolRequest]) -> list[str]:
         status, body = post_form(f"{url}/token", item.body)
         if status != item.status or item.needle not in body:
             problems.append(f"{item.kind}: got {status} {body[:200]}")
-    return problems
+    return problems, len(seen)
 
 
 def post_form(url: str, body: str) -> tuple[int, str]:
@@ -212,14 +234,28 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0)
     raise RuntimeError(f"{url} did not become ready in {timeout:.0f} s")
 
 
+def clean_env(extra: Mapping[str, str] | None = None, *, isolated: bool = False) -> dict[str, str]:
+    """This environment plus ``extra``; ``isolated`` drops PYTHONPATH (the peer's venv must not see ours)."""
+    env = {k: v for k, v in os.environ.items() if not (isolated and k == "PYTHONPATH")}
+    return {**env, **(extra or {})}
+
+
 @contextmanager
 def running(
-    command: list[str], *, ready_url: str, log: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    command: list[str],
+    *,
+    ready_url: str,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process until the block ends; stopped with SIGTERM (then SIGKILL after 15 s)."""
+    """A server process until the block ends; stopped with SIGTERM (then SIGKILL after 15 s).
+
+    ``env`` is the whole environment (default: this one).
+    """
     with log.open("ab") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
+            command, stdout=out, stderr=subprocess.STDOUT, env=dict(env) if env is not None else None, cwd=cwd
         )
         try:
             wait_http(ready_url, process)
@@ -259,6 +295,13 @@ def process_tree(root: int) -> list[int]:
         tree += children
         frontier = children
     return tree
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy so far (all cores, from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICKS
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -27,6 +27,7 @@ class Variant:
     kind: str  # "granian" or "gunicorn"
     server: str = ""  # granian: the config's server: section
     gunicorn_args: tuple[str, ...] = ()
+    store: str | None = None  # None: the embedded SQLite file
 
 
 def variants(cores: int) -> list[Variant]:
@@ -34,6 +35,8 @@ def variants(cores: int) -> list[Variant]:
     return [
         Variant(f"granian {cores}w x {threads}t (sts serve default)", "granian"),
         Variant(f"granian {cores}w x 1t", "granian", server=f"{{workers: {cores}, threads: 1}}"),
+        # Not a deployable setting (rate limits per process): what the SQLite round trips cost end to end.
+        Variant(f"granian {cores}w x {threads}t, memory:// store", "granian", store="memory://"),
         Variant(f"gunicorn sync {cores}w", "gunicorn", gunicorn_args=("-k", "sync", "-w", str(cores))),
         Variant(
             f"gunicorn gthread {cores}w x {threads}t",
@@ -60,6 +63,7 @@ def compare(
     port: int,
     authority: TestAuthority,
     requests_file: Path,
+    issuer: str,
     *,
     connections: Sequence[int],
     seconds: float,
@@ -67,20 +71,30 @@ def compare(
     cores: int,
     log: Callable[[str], None],
 ) -> dict[str, dict[str, object]]:
-    """Every variant in turn on the same port (the SVIDs' audience is the issuer URL)."""
+    """Every variant in turn on ``port``, each configured with the pool's ``issuer`` (the SVIDs' audience)."""
     url = f"http://{ours.HOST}:{port}"
     extra_path = None
     results: dict[str, dict[str, object]] = {}
     for variant in variants(cores):
         config = ours.write_config(
-            directory, port, authority, server=variant.server, name=f"sts-{len(results)}.yaml"
+            directory,
+            port,
+            authority,
+            server=variant.server,
+            name=f"sts-{len(results)}.yaml",
+            issuer=issuer,
+            store=variant.store,
         )
         env: dict[str, str] = {}
         if variant.kind == "granian":
             command = ours.serve_command(config)
         else:
             if extra_path is None:
-                extra_path = gunicorn_pythonpath(directory, log) or ""
+                try:
+                    extra_path = gunicorn_pythonpath(directory, log) or ""
+                except subprocess.SubprocessError as e:
+                    results[variant.name] = {"error": f"gunicorn could not be installed: {e}"}
+                    continue
             if extra_path:
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, os.environ.get("PYTHONPATH")]))
             env["STS_CONFIG"] = str(config)
@@ -96,16 +110,39 @@ def compare(
                 "sts.web.app:create_app_from_env()",
             ]
         log(f"server variant: {variant.name}")
-        with ours.running(command, ready_url=f"{url}/readyz", log=directory / "variants.log", env=env) as process:
-            load.run_wrk(f"{url}/token", requests_file, connections=16, seconds=2)  # warm-up
-            summaries = load.sweep(
-                f"{url}/token",
-                requests_file,
-                connections=connections,
-                seconds=seconds,
-                repeats=repeats,
-                server_pid=process.pid,
-                log=log,
+        try:
+            summaries = _measure(
+                command, env, url, directory, requests_file, connections, seconds, repeats, log
             )
+        except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+            log(f"  {variant.name}: not measured: {e}")
+            results[variant.name] = {"error": str(e)}
+            continue
         results[variant.name] = {str(n): s.to_json() for n, s in summaries.items()}
     return results
+
+
+def _measure(
+    command: list[str],
+    env: dict[str, str],
+    url: str,
+    directory: Path,
+    requests_file: Path,
+    connections: Sequence[int],
+    seconds: float,
+    repeats: int,
+    log: Callable[[str], None],
+) -> dict[int, load.Summary]:
+    with ours.running(
+        command, ready_url=f"{url}/readyz", log=directory / "variants.log", env=ours.clean_env(env)
+    ) as process:
+        load.run_wrk(f"{url}/token", requests_file, connections=16, seconds=2)  # warm-up
+        return load.sweep(
+            f"{url}/token",
+            requests_file,
+            connections=connections,
+            seconds=seconds,
+            repeats=repeats,
+            server_pid=process.pid,
+            log=log,
+        )

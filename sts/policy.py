@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ CLIENT_AUTH_METHODS = frozenset({"none", "spiffe_x509", "spiffe_jwt"})
 BINDINGS = frozenset({"none", "mtls", "dpop"})
 
 TASK_CREATE_ACTION = "task:create"
+MEMO_ENTRIES = 4096  # distinct requests remembered within one second, per process
 POLICY_SUFFIX = ".cedar"
 SCHEMA_RESOURCE = "schema.cedarschema"
 
@@ -320,6 +321,7 @@ class CedarPolicy:
         self._origins = {policy.policy_id: policy.origin for policy in policies}
         self._order = {policy_id: index for index, policy_id in enumerate(self._policy_ids)}
         self._ttl = {p.policy_id: p.ttl_seconds for p in policies if p.ttl_seconds is not None}
+        self._memo = _Memo(-1)
         document = {
             "staticPolicies": {policy.policy_id: policy.est for policy in policies},
             "templates": {},
@@ -450,7 +452,23 @@ class CedarPolicy:
         return self._schema_text
 
     def decide(self, request: PolicyRequest) -> Decision:
-        """Allow only if every requested scope is permitted, none forbidden and nothing errored."""
+        """Allow only if every requested scope is permitted, none forbidden and nothing errored.
+
+        Agents repeat the same exchange many times a second, so decisions are memoized for the current
+        second only: the key is the whole request (``now`` included), the policy set is immutable, so a
+        hit returns exactly what Cedar would; the memo is dropped when the second changes.
+        """
+        memo = self._memo
+        if memo.second != request.now:
+            memo = self._memo = _Memo(request.now)
+        decision = memo.decisions.get(request)
+        if decision is None:
+            decision = self._decide(request)
+            if len(memo.decisions) < MEMO_ENTRIES:
+                memo.decisions[request] = decision
+        return decision
+
+    def _decide(self, request: PolicyRequest) -> Decision:
         entry = self._catalog.get(request.target.id)
         if entry is None or (entry is not request.target and entry != request.target):
             return _refusal(f"target {request.target.id} is not in the catalog the policy was loaded with")
@@ -540,6 +558,14 @@ class CedarPolicy:
 
     def _in_order(self, policy_ids: Iterable[str]) -> tuple[str, ...]:
         return tuple(sorted(policy_ids, key=lambda p: self._order.get(p, len(self._order))))
+
+
+@dataclass(slots=True)
+class _Memo:
+    """Decisions of one second (``PolicyRequest.now``); replaced, never mutated across seconds."""
+
+    second: int
+    decisions: dict[PolicyRequest, Decision] = field(default_factory=dict)
 
 
 def _refusal(error: str) -> Decision:
