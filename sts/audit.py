@@ -50,9 +50,10 @@ class AuditLog:
                 "seq": self._seq,
                 "prev": self._prev,
             }
-            digest = _digest(entry)
-            entry["hash"] = digest
-            os.write(self._fd, (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode())
+            # One canonical text: hashed as it is, then written with the hash appended as its last member.
+            canonical = _canonical(entry)
+            digest = hashlib.sha256(canonical.encode()).hexdigest()
+            os.write(self._fd, f'{canonical[:-1]},"hash":"{digest}"}}\n'.encode())
             self._prev = digest
 
     def close(self) -> None:
@@ -60,8 +61,12 @@ class AuditLog:
             os.close(self._fd)
 
 
+def _canonical(entry: Mapping[str, Any]) -> str:
+    return json.dumps(entry, separators=(",", ":"), sort_keys=True, default=str)
+
+
 def _digest(entry: Mapping[str, Any]) -> str:
-    canonical = json.dumps(entry, separators=(",", ":"), sort_keys=True, default=str)
+    canonical = _canonical(entry)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

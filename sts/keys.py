@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm
 
 from sts.catalog import TokenClass
@@ -43,6 +44,7 @@ from sts.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ACCESS_TOKEN_TYPE = "at+jwt"
+_ES256 = ec.ECDSA(hashes.SHA256())
 MAX_ISSUED_TOKEN_CHARS = 8192
 REFRESH_SECONDS = 10.0
 
@@ -56,10 +58,16 @@ class SigningKey:
     created_at: int
     generated_for_development: bool
     _private_key: ec.EllipticCurvePrivateKey
+    header_b64: str = field(init=False)
+    """The base64url JOSE header of every token this key signs (RFC 9068 ``typ: at+jwt``), encoded once."""
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._private_key.public_key()
+
+    def __post_init__(self) -> None:
+        header = {"alg": "ES256", "kid": self.kid, "typ": ACCESS_TOKEN_TYPE}
+        object.__setattr__(self, "header_b64", _b64url(json.dumps(header, separators=(",", ":")).encode()))
 
     def public_jwk(self) -> dict[str, Any]:
         jwk: dict[str, Any] = ECAlgorithm.to_jwk(self.public_key, as_dict=True)
@@ -181,12 +189,12 @@ class KeyRing:
         """A compact JWS of ``claims`` as an RFC 9068 ``at+jwt``, signed with the class's active key."""
         self.refresh()
         key = self._active[token_class]
-        return jwt.encode(
-            dict(claims),
-            key._private_key,
-            algorithm="ES256",
-            headers={"typ": ACCESS_TOKEN_TYPE, "kid": key.kid},
-        )
+        # RFC 7515 §7.1 by hand on the hot path: the header is the same for every token of this key, so it
+        # is encoded once; the signature is cryptography's ECDSA, turned into the JWS R||S form (§A.3).
+        payload = _b64url(json.dumps(dict(claims), separators=(",", ":")).encode())
+        signing_input = f"{key.header_b64}.{payload}"
+        r, s = decode_dss_signature(key._private_key.sign(signing_input.encode("ascii"), _ES256))
+        return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
     def jwks(self, token_class: TokenClass | None = None) -> Mapping[str, Any]:
         """The public keys of one class, or of all classes; ``kid`` names the class, ``use`` is ``sig``."""
@@ -322,3 +330,7 @@ def _read_key(path: Path, token_class: TokenClass) -> SigningKey:
     if not created.isdigit() or kid_in_name != kid:
         raise ConfigError(f"keys: {path} does not match its name <created>-{kid}.pem")
     return SigningKey(token_class, kid, int(created), path.name.startswith("dev-"), private_key)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
