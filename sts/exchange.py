@@ -141,6 +141,7 @@ class Party:
     act: dict[str, Any] | None = None
     audience: str | None = None
     may_act: dict[str, Any] | None = None
+    task_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +274,8 @@ class TokenExchange:
         scopes = self.catalog.check_scopes(entry, _parse_scope(request.scope))
         trail.fields["scopes"] = sorted(scopes)
 
+        if subject.task_id is not None and request.task_id not in (None, subject.task_id):
+            raise InvalidRequest("a token issued under a task can only be exchanged within that task")
         task = None
         if request.task_id is not None:
             trail.fields["task_id"] = request.task_id
@@ -388,6 +391,9 @@ class TokenExchange:
         }
         if task is not None:
             claims["task_id"] = task.id
+        elif subject.task_id is not None:
+            # Delegating a task-scoped token keeps it in the task: completing the task ends this one too.
+            claims["task_id"] = subject.task_id
         if cnf:
             claims["cnf"] = cnf
         if act is not None:
@@ -495,6 +501,7 @@ class TokenExchange:
                 act=claims.get("act"),
                 audience=claims["aud"],
                 may_act=claims.get("may_act"),
+                task_id=claims.get("task_id"),
             )
         try:
             svid = self.verifier.verify(token, now=now)

@@ -233,3 +233,36 @@ def test_may_act_in_the_subject_token_is_honoured(server: RunningServer, example
         server, subject, JWT_TYPE, example_org.mint("spiffe://example.org/agent/other", issuer), "tool:calc"
     )
     assert (other.status_code, other.json()["error"]) == (400, "invalid_request")
+
+
+def test_delegating_a_task_token_keeps_it_in_the_task(
+    server: RunningServer, example_org: TestAuthority
+) -> None:
+    """Completing the task ends tokens derived from its tokens too."""
+    issuer = server.issuer
+    bearer = {"Authorization": f"Bearer {example_org.mint(ORCHESTRATOR, issuer)}"}
+    task = requests.post(
+        f"{server.url}/tasks",
+        json={
+            "assignee": AGENT,
+            "targets": [{"target": "tool:calc", "scopes": ["invoke"]}],
+            "purpose": "p",
+            "ttl_seconds": 300,
+        },
+        headers=bearer,
+        timeout=10,
+    ).json()
+    t1 = exchange(
+        server, example_org.mint(AGENT, issuer), audience="tool:calc", task_id=task["task_id"]
+    ).json()["access_token"]
+    derived = delegate(
+        server, t1, ACCESS_TOKEN_TYPE, example_org.mint(CALC_SERVER, issuer), "tool:web-search"
+    )
+    assert derived.status_code == 200, derived.text
+    assert claims_of(derived.json()["access_token"])["task_id"] == task["task_id"]
+    requests.post(f"{server.url}/tasks/{task['task_id']}/complete", json={}, headers=bearer, timeout=10)
+    search = {"Authorization": f"Bearer {example_org.mint(SEARCH_SERVER, issuer)}"}
+    answer = requests.post(
+        f"{server.url}/introspect", data={"token": derived.json()["access_token"]}, headers=search, timeout=10
+    )
+    assert answer.json() == {"active": False}
