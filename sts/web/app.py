@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -16,10 +14,9 @@ from sts.web.common import error_response
 from sts.web.oauth import oauth
 from sts.web.ops import ops
 from sts.web.resources import resources
+from sts.web.token_endpoint import TokenEndpoint, request_id
 
 log = logging.getLogger(__name__)
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def create_app(services: Services) -> Flask:
@@ -31,11 +28,11 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(oauth)
     app.register_blueprint(ops)
     app.register_blueprint(resources)
+    app.wsgi_app = TokenEndpoint(services, app.wsgi_app)  # type: ignore[method-assign]
 
     @app.before_request
     def assign_request_id() -> None:
-        supplied = request.headers.get("X-Request-Id", "")
-        g.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
+        g.request_id = request_id(request.environ)
 
     @app.after_request
     def common_headers(response: Response) -> Response:

@@ -1,19 +1,18 @@
-"""OAuth endpoints: ``POST /token`` (RFC 8693), RFC 8414 metadata, and the JWKS."""
+"""OAuth endpoints: introspection, revocation, RFC 8414 metadata, JWKS (``/token``: token_endpoint)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, g, jsonify, request
-from werkzeug.exceptions import NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import NotFound
 
-from sts.binding import DPOP_ALGORITHMS, InvalidDpopProof
+from sts.binding import DPOP_ALGORITHMS
 from sts.catalog import TokenClass
-from sts.errors import InvalidRequest, RequestTooLarge, StsError
-from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE, ExchangeRequest
+from sts.errors import InvalidRequest, RequestTooLarge
+from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE
 from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
 from sts.web.common import services
 from sts.web.tls import client_certificate_chain
@@ -23,51 +22,28 @@ oauth = Blueprint("oauth", __name__)
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 
-@oauth.post("/token")
-def token() -> Response:
-    """RFC 8693 §2: form-encoded body only; parameters in the query string are refused (RFC 6749 §3.2).
-
-    A request refused before it reaches the grant (wrong media type, too large, repeated parameter)
-    is audited here, so every decision on this endpoint leaves its line.
-    """
-    exchange = services().exchange
-    try:
-        exchange_request = _parse_token_request()
-    except StsError as e:
-        exchange.record_refusal(e, request_id=g.request_id)
-        raise
-    issued = exchange.exchange(exchange_request, request_id=g.request_id)
-    response = jsonify(issued.to_json())
-    response.headers["Pragma"] = "no-cache"
-    return response
-
-
-def _parse_token_request() -> ExchangeRequest:
-    proofs = request.headers.getlist("DPoP")
-    if len(proofs) > 1:
-        raise InvalidDpopProof("send at most one DPoP header")
-    return dataclasses.replace(
-        ExchangeRequest.from_form(read_form()),
-        dpop_proof=proofs[0] if proofs else None,
-        client_certificates=client_certificate_chain(request.environ),
-    )
-
-
 def read_form() -> dict[str, list[str]]:
-    """The form body of an OAuth endpoint, refusing the wrong media type, query parameters and excess."""
-    if request.mimetype != FORM_CONTENT_TYPE:
+    """The form body of this request (introspection, revocation); see :func:`form_from_environ`."""
+    return form_from_environ(request.environ, services().settings.server.max_body_bytes)
+
+
+def form_from_environ(environ: Mapping[str, Any], limit: int) -> dict[str, list[str]]:
+    """The form body of an OAuth endpoint, refusing the wrong media type, query parameters and excess.
+
+    The body is read here, past the limit: with a chunked body Werkzeug's form parser stops at the
+    limit silently, and the parameters after it would vanish instead of being refused.
+    """
+    mimetype = str(environ.get("CONTENT_TYPE", "")).partition(";")[0].strip().lower()
+    if mimetype != FORM_CONTENT_TYPE:
         raise InvalidRequest(f"the request must be sent as {FORM_CONTENT_TYPE}")
-    if request.query_string:
+    if environ.get("QUERY_STRING"):
         raise InvalidRequest("parameters must be sent in the request body, not the URL")
-    limit = services().settings.server.max_body_bytes
-    try:
-        # Read past the limit ourselves: with a chunked body Werkzeug's form parser stops at the limit
-        # silently, and the parameters after it would vanish instead of being refused.
-        body = request.stream.read(limit + 1)
-        overflow = len(body) > limit or request.stream.read(1) != b""
-    except RequestEntityTooLarge:
-        overflow = True
-    if overflow:
+    declared = str(environ.get("CONTENT_LENGTH") or "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"request body is larger than {limit} bytes")
+    stream = environ["wsgi.input"]
+    body = stream.read(int(declared)) if declared.isdigit() else stream.read(limit + 1)
+    if len(body) > limit or (not declared.isdigit() and stream.read(1) != b""):
         raise RequestTooLarge(f"request body is larger than {limit} bytes")
     try:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
