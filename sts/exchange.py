@@ -303,7 +303,7 @@ class TokenExchange:
                 client_auth=client.method if client else "none",
                 task=_task_facts(task),
                 actor=actor.spiffe_id if actor else None,
-                actors=frozenset(_chain(act)),
+                actors=frozenset(actor_chain(act)),
                 binding=binding,
                 break_glass=exception is not None,
             )
@@ -529,7 +529,7 @@ class TokenExchange:
         act: dict[str, Any] = {"sub": str(actor.spiffe_id)}
         if subject.act is not None:
             act["act"] = subject.act
-        if len(_chain(act)) > self.max_delegation_depth:
+        if len(actor_chain(act)) > self.max_delegation_depth:
             raise InvalidRequest(f"the delegation chain is longer than {self.max_delegation_depth} actors")
         return act
 
@@ -549,7 +549,7 @@ def _check_shape(request: ExchangeRequest) -> tuple[str, str]:
     return request.subject_token, request.subject_token_type
 
 
-def _chain(act: Mapping[str, Any] | None) -> list[str]:
+def actor_chain(act: Any) -> list[str]:
     """Every actor of a nested ``act`` claim, current first (only our own signed claims get here)."""
     actors: list[str] = []
     while isinstance(act, Mapping) and isinstance(act.get("sub"), str):

@@ -20,6 +20,7 @@ from typing import Any
 from sts.audit import AuditLog
 from sts.callers import Caller
 from sts.catalog import Catalog
+from sts.exchange import actor_chain
 from sts.keys import KeyRing
 from sts.store import Store, SubjectRevocation
 
@@ -49,14 +50,6 @@ def _kills(revocation: SubjectRevocation | None, issued_at: int, now: float) -> 
     return revocation is not None and (issued_at <= revocation.revoked_at or revocation.blocks_issuance(now))
 
 
-def _actors(act: Any) -> list[str]:
-    actors: list[str] = []
-    while isinstance(act, dict) and isinstance(act.get("sub"), str):
-        actors.append(act["sub"])
-        act = act.get("act")
-    return actors
-
-
 class Introspection:
     """Answers ``/introspect`` and ``/revoke`` for tokens this server issued."""
 
@@ -82,7 +75,7 @@ class Introspection:
         if _kills(state.subject_revocation, claims["iat"], now):
             return None
         # The kill switch reaches every party of the token: the actors of a delegation and the client.
-        others = {*_actors(claims.get("act")), claims.get("client_id")} - {claims["sub"], None}
+        others = {*actor_chain(claims.get("act")), claims.get("client_id")} - {claims["sub"], None}
         for spiffe_id in sorted(o for o in others if isinstance(o, str)):
             if _kills(self._store.subject_revocation(spiffe_id), claims["iat"], now):
                 return None

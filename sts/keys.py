@@ -15,10 +15,8 @@ Imports ``sts.catalog`` (for TokenClass) and ``sts.config`` (for KeySettings) on
 
 from __future__ import annotations
 
-import base64
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import logging
@@ -37,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm
 
+from sts.binding import b64url, jwk_thumbprint
 from sts.catalog import TokenClass
 from sts.config import KeySettings
 from sts.errors import ConfigError
@@ -67,7 +66,7 @@ class SigningKey:
 
     def __post_init__(self) -> None:
         header = {"alg": "ES256", "kid": self.kid, "typ": ACCESS_TOKEN_TYPE}
-        object.__setattr__(self, "header_b64", _b64url(json.dumps(header, separators=(",", ":")).encode()))
+        object.__setattr__(self, "header_b64", b64url(json.dumps(header, separators=(",", ":")).encode()))
 
     def public_jwk(self) -> dict[str, Any]:
         jwk: dict[str, Any] = ECAlgorithm.to_jwk(self.public_key, as_dict=True)
@@ -77,11 +76,7 @@ class SigningKey:
 
 def thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
     """RFC 7638 JWK thumbprint: SHA-256 over the required members in lexicographic order, base64url."""
-    jwk = ECAlgorithm.to_jwk(public_key, as_dict=True)
-    canonical = json.dumps(
-        {k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True
-    )
-    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+    return jwk_thumbprint(ECAlgorithm.to_jwk(public_key, as_dict=True))
 
 
 class KeyRing:
@@ -191,10 +186,10 @@ class KeyRing:
         key = self._active[token_class]
         # RFC 7515 §7.1 by hand on the hot path: the header is the same for every token of this key, so it
         # is encoded once; the signature is cryptography's ECDSA, turned into the JWS R||S form (§A.3).
-        payload = _b64url(json.dumps(dict(claims), separators=(",", ":")).encode())
+        payload = b64url(json.dumps(dict(claims), separators=(",", ":")).encode())
         signing_input = f"{key.header_b64}.{payload}"
         r, s = decode_dss_signature(key._private_key.sign(signing_input.encode("ascii"), _ES256))
-        return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
     def jwks(self, token_class: TokenClass | None = None) -> Mapping[str, Any]:
         """The public keys of one class, or of all classes; ``kid`` names the class, ``use`` is ``sig``."""
@@ -330,7 +325,3 @@ def _read_key(path: Path, token_class: TokenClass) -> SigningKey:
     if not created.isdigit() or kid_in_name != kid:
         raise ConfigError(f"keys: {path} does not match its name <created>-{kid}.pem")
     return SigningKey(token_class, kid, int(created), path.name.startswith("dev-"), private_key)
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
