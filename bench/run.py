@@ -234,7 +234,7 @@ def _run(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *args.argv]),
         "server": {
-            "how": "sts serve --config FILE (granian WSGI), as operators start it",
+            "how": "sts serve --config FILE (granian RSGI on uvloop), as operators start it",
             **settings_server,
             "store": "sqlite (WAL), embedded",
             "audit": "file (JSON lines, hash-chained)",
@@ -427,7 +427,7 @@ def _table(r: dict[str, Any]) -> str:
     add(f"code:   commit {code['commit']}{dirty}; command: {r['command']}")
     s = r["server"]
     add(
-        f"server: sts serve (granian WSGI) {s['workers']} workers x {s['threads']} threads, "
+        f"server: sts serve (granian RSGI, uvloop) {s['workers']} workers, "
         "SQLite store, audit file"
     )
     add(f"load:   {r['generator']}")

@@ -21,6 +21,7 @@ from sts.errors import InvalidRequest, InvalidScope, InvalidTarget, NotFound
 from sts.introspection import REVOCATION_MARGIN_SECONDS
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import ExceptionGrant, Store, SubjectRevocation
+from sts.strict_json import is_text
 
 MAX_REASON_CHARS = 500
 MAX_EXCEPTION_SECONDS = 7 * 24 * 3600
@@ -49,7 +50,7 @@ class Admin:
         if "until" in fields and chosen != ["spiffe_id"]:
             raise InvalidRequest("until applies only to a spiffe_id revocation")
         kind, value = chosen[0], fields[chosen[0]]
-        if not isinstance(value, str) or not value or len(value) > 2048:
+        if not is_text(value) or not value or len(value) > 2048:
             raise InvalidRequest(f"{kind} must be a non-empty string")
         result: dict[str, Any] = {"revoked": kind, kind: value, "at": current}
         if kind == "jti":
@@ -162,7 +163,8 @@ def _object(body: Any, known: set[str]) -> dict[str, Any]:
 
 def _reason(fields: dict[str, Any]) -> str:
     reason = fields.get("reason")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+    # is_text: an unpaired surrogate (json.loads makes one of "\ud800") would fail in the store.
+    if not is_text(reason) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
         raise InvalidRequest(f"reason is required: say why, in at most {MAX_REASON_CHARS} characters")
     return reason
 
@@ -175,6 +177,8 @@ def _spiffe_id(value: Any, name: str) -> SpiffeId:
 
 
 def _time(value: Any, name: str, *, after: int) -> int:
+    """Epoch seconds as a JSON integer: NaN, 1e999, floats, booleans and strings are refused by type,
+    and an integer of any size is compared as an integer (never converted to float)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int)

@@ -19,23 +19,26 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlunsplit
 
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm
+from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm
 
 from sts.errors import StsError
+from sts.strict_json import b64url_decode, loads_object, numeric_date, split_uri
 
 DPOP_TYPE = "dpop+jwt"
 DPOP_ALGORITHMS = ("ES256", "EdDSA")
 DEFAULT_WINDOW_SECONDS = 60
 MAX_PROOF_CHARS = 4096
 MAX_JTI_CHARS = 256
+MAX_HTU_CHARS = 2048
 _PUBLIC_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
+_VERIFIERS: Mapping[str, Algorithm] = {"ES256": ECAlgorithm(ECAlgorithm.SHA256), "EdDSA": OKPAlgorithm()}
 
 
 class InvalidDpopProof(StsError):
@@ -69,8 +72,14 @@ def access_token_hash(access_token: str) -> str:
 
 
 def normalize_htu(url: str) -> str:
-    """RFC 9449 §4.3 item 9: compare ``htu`` without query and fragment."""
-    parts = urlsplit(url)
+    """RFC 9449 §4.3 item 9: compare ``htu`` without query and fragment.
+
+    Raises ValueError when ``url`` is not a URI :func:`sts.strict_json.split_uri` accepts (a bad IPv6
+    literal or port, white space, non-ASCII): the verifier refuses such an ``htu``.
+    """
+    parts = split_uri(url)
+    if parts is None:
+        raise ValueError("not a URI")
     return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", "", ""))
 
 
@@ -103,48 +112,85 @@ class DpopVerifier:
         access_token: str | None = None,
         now: float | None = None,
     ) -> DpopProof:
-        """``urls``: every URL this endpoint is known by (its ``htu`` must be one of them)."""
+        """``urls``: every URL this endpoint is known by (its ``htu`` must be one of them).
+
+        The proof is parsed here, not by PyJWT: both parts go through :func:`sts.strict_json.loads`
+        (PyJWT's ``json`` takes ``NaN`` and raises ``RecursionError`` on deep nesting), and every claim
+        is type-checked before it meets arithmetic, so any proof at all is a proof or an
+        :class:`InvalidDpopProof`, never another exception.
+        """
         current = time.time() if now is None else now
         if not proof or len(proof) > MAX_PROOF_CHARS:
             raise InvalidDpopProof("send exactly one DPoP proof of reasonable size")
-        try:
-            header = jwt.get_unverified_header(proof)
-        except jwt.PyJWTError as e:
-            raise InvalidDpopProof("the DPoP proof is not a JWT") from e
+        header, payload, signing_input, signature = _compact_parts(proof)
         if header.get("typ") != DPOP_TYPE:
             raise InvalidDpopProof(f"the DPoP proof's typ must be {DPOP_TYPE}")
         alg = header.get("alg")
-        if alg not in DPOP_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in DPOP_ALGORITHMS:
             raise InvalidDpopProof(f"the DPoP proof's alg must be one of {', '.join(DPOP_ALGORITHMS)}")
+        if "crit" in header:  # RFC 7515 §4.1.11: no extension is understood here
+            raise InvalidDpopProof(
+                "the DPoP proof carries critical header extensions, which are not supported"
+            )
         jwk = header.get("jwk")
         if not isinstance(jwk, dict) or _PRIVATE_MEMBERS & set(jwk):
             raise InvalidDpopProof("the DPoP proof's jwk header must be a public key")
         key, jkt = _public_key(jwk, alg)
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                proof,
-                key,
-                algorithms=[alg],
-                options={"verify_exp": False, "verify_iat": False, "verify_nbf": False, "verify_aud": False},
-            )
-        except jwt.PyJWTError as e:
-            raise InvalidDpopProof("the DPoP proof's signature does not verify with its jwk") from e
+        if not _VERIFIERS[alg].verify(signing_input, key, signature):
+            raise InvalidDpopProof("the DPoP proof's signature does not verify with its jwk")
+        claims = _json_object(payload, "claims set")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_CHARS:
             raise InvalidDpopProof("the DPoP proof needs a jti")
-        if claims.get("htm") != method:
+        htm = claims.get("htm")
+        if not isinstance(htm, str) or htm != method:
             raise InvalidDpopProof("the DPoP proof's htm does not match the request method")
         htu = claims.get("htu")
-        if not isinstance(htu, str) or normalize_htu(htu) not in {normalize_htu(u) for u in urls}:
+        expected = {normalize_htu(u) for u in urls}
+        if not isinstance(htu, str) or len(htu) > MAX_HTU_CHARS or _checked_htu(htu) not in expected:
             raise InvalidDpopProof("the DPoP proof's htu does not match this endpoint")
-        iat = claims.get("iat")
-        if isinstance(iat, bool) or not isinstance(iat, int | float) or abs(current - iat) > self._window:
+        iat = numeric_date(claims.get("iat"))
+        if iat is None or abs(current - iat) > self._window:
             raise InvalidDpopProof(f"the DPoP proof's iat must be within {self._window} s of now")
-        if access_token is not None and claims.get("ath") != access_token_hash(access_token):
-            raise InvalidDpopProof("the DPoP proof's ath does not match the access token")
+        if access_token is not None:
+            ath = claims.get("ath")
+            if (
+                not access_token.isascii()
+                or not isinstance(ath, str)
+                or ath != access_token_hash(access_token)
+            ):
+                raise InvalidDpopProof("the DPoP proof's ath does not match the access token")
         if not self._use_once(f"dpop:{jkt}:{jti}", int(iat) + 2 * self._window):
             raise InvalidDpopProof("the DPoP proof was used before (replayed jti)")
         return DpopProof(jkt=jkt, jti=jti)
+
+
+def _compact_parts(proof: str) -> tuple[dict[str, Any], bytes, bytes, bytes]:
+    """RFC 7515 §7.1 compact serialization: the header (parsed), payload and signature (decoded)."""
+    parts = proof.split(".")
+    if len(parts) != 3 or not proof.isascii():
+        raise InvalidDpopProof("the DPoP proof is not a JWT")
+    try:
+        raw = [b64url_decode(part) for part in parts]
+    except ValueError as e:
+        raise InvalidDpopProof("the DPoP proof is not a JWT") from e
+    header = _json_object(raw[0], "header")
+    return header, raw[1], f"{parts[0]}.{parts[1]}".encode("ascii"), raw[2]
+
+
+def _json_object(data: bytes, name: str) -> dict[str, Any]:
+    try:
+        return loads_object(data)
+    except ValueError as e:
+        raise InvalidDpopProof(f"the DPoP proof's {name} is not a JSON object we accept ({e})") from e
+
+
+def _checked_htu(htu: str) -> str | None:
+    """The normalised ``htu``, or None when it is not a URI (never equal to an endpoint's URL)."""
+    try:
+        return normalize_htu(htu)
+    except ValueError:
+        return None
 
 
 def _public_key(jwk: dict[str, Any], alg: str) -> tuple[Any, str]:

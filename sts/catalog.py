@@ -6,7 +6,7 @@ by ``resource`` (an absolute URI listed in the catalog, RFC 8707). The entry dec
 longest lifetime a token for it may have, and which workloads serve it (only they may introspect
 its tokens).
 
-Imports only ``sts.errors`` and ``sts.spiffeid``.
+Imports only ``sts.errors``, ``sts.spiffeid`` and ``sts.strict_json``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from urllib.parse import urlsplit
 
 from sts.errors import InvalidRequest, InvalidScope, InvalidTarget
 from sts.spiffeid import SpiffeId
+from sts.strict_json import absolute_uri
 
 DEFAULT_MAX_TTL_SECONDS = 300
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
@@ -77,7 +77,7 @@ class CatalogEntry:
         for scope in self.scopes:
             if not is_scope_token(scope):
                 raise ValueError(f"scope {scope!r} is not a valid RFC 6749 scope token")
-        if self.resource is not None and not _is_absolute_uri(self.resource):
+        if self.resource is not None and not absolute_uri(self.resource):
             raise ValueError("resource must be an absolute URI without a fragment (RFC 8707 §2)")
         if self.max_ttl <= 0:
             raise ValueError("max_ttl must be positive")
@@ -86,11 +86,6 @@ class CatalogEntry:
     def action_prefix(self) -> str:
         """Cedar actions for this entry are ``<class>:<scope>`` (``tool:invoke``, ``data:read``)."""
         return self.token_class.value
-
-
-def _is_absolute_uri(text: str) -> bool:
-    parts = urlsplit(text)
-    return bool(parts.scheme) and bool(parts.netloc) and not parts.fragment
 
 
 class Catalog:
@@ -139,8 +134,9 @@ class Catalog:
                 raise InvalidTarget("the audience is not a known target")
             return entry
         resource = resources[0]
-        if not _is_absolute_uri(resource):
-            raise InvalidTarget("resource must be an absolute URI without a fragment (RFC 8707)")
+        # strict_json.absolute_uri, not urlsplit: "http://[::1" must be invalid_target, never a ValueError.
+        if not absolute_uri(resource):
+            raise InvalidTarget("resource must be an absolute URI without a fragment (RFC 8707 §2)")
         entry = self._by_resource.get(resource)
         if entry is None:
             raise InvalidTarget("the resource is not a known target")

@@ -14,9 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sts.config import CONFIG_ENV, Settings, load_settings
 from sts.errors import ConfigError, StsError
+from sts.logsafe import configure_logging
 from sts.policy import BINDINGS, CLIENT_AUTH_METHODS
 
 log = logging.getLogger("sts")
@@ -95,26 +97,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(path: Path) -> Settings:
     settings = load_settings(path)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     return settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Check everything in this process (keys made, policies validated), then start the WSGI workers."""
-    from granian import Granian
-    from granian.constants import Interfaces
-
+    """Check everything in this process (keys made, policies validated), then start the workers."""
     from sts.runtime import build_services
 
     settings = _settings(args.config)
+    _check_address_free(settings)
     services = build_services(settings, connect=False)  # checks everything; workers connect themselves
     services.close()
     if settings.listen.tls is not None:
-        from sts.web.tls import TlsApplication
+        from sts.web.tls_server import serve_tls
 
         log.info("serving %s with TLS on %s", settings.issuer, settings.listen.tls.public_url)
-        TlsApplication(args.config.resolve(), settings).run()
-        return EXIT_OK
+        return serve_tls(args.config.resolve(), settings)
     os.environ[CONFIG_ENV] = str(args.config.resolve())
     log.info(
         "serving %s on http://%s:%s with %d workers",
@@ -123,18 +122,71 @@ def _serve(args: argparse.Namespace) -> int:
         settings.listen.port,
         settings.server.workers,
     )
-    Granian(
-        target="sts.web.app:create_app_from_env",
+    _granian(settings).serve()
+    return EXIT_OK
+
+
+def _check_address_free(settings: Settings) -> None:
+    """Refuse to start on an address someone else listens on.
+
+    granian binds with SO_REUSEPORT, so without this probe a second server on the same port starts
+    "normally" and the kernel splits connections between two different servers.
+    """
+    import socket
+
+    host, port = settings.listen.host, settings.listen.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family, reuse_port=False).close()
+    except OSError as e:
+        raise ConfigError(
+            f"listen.port: cannot listen on {host}:{port}: {e.strerror} (set listen.port or --port)"
+        ) from e
+
+
+def _granian(settings: Settings) -> Any:
+    """granian's RSGI interface on uvloop, HTTP/1.1 only, with the deadlines of ``server:``.
+
+    HTTP/1.1 only: no OAuth client needs HTTP/2 here, and its stream multiplexing would be one more
+    way to hold a worker open. ``backpressure`` bounds the requests a worker holds at once (slow
+    ones included); past it new ones wait in the listen backlog, they are not refused.
+    """
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
+
+    from sts.logsafe import FORMAT
+    from sts.web.tls_server import MAX_HEAD_BYTES
+
+    server = settings.server
+    formatter = {"()": "sts.logsafe.SafeFormatter", "fmt": FORMAT}
+    handler = {"formatter": "safe", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    return Granian(
+        target="sts.web.rsgi:create_rsgi_app_from_env",
         factory=True,
-        interface=Interfaces.WSGI,
+        interface=Interfaces.RSGI,
         address=settings.listen.host,
         port=settings.listen.port,
-        workers=settings.server.workers,
-        blocking_threads=settings.server.threads,
+        workers=server.workers,
+        loop=Loops.uvloop,
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=max(1024, server.max_connections),
+        backpressure=server.max_connections,
+        # max_buffer_size bounds a request head (hyper answers 431 past it); bodies stream through.
+        http1_settings=HTTP1Settings(
+            header_read_timeout=server.header_timeout * 1000, max_buffer_size=MAX_HEAD_BYTES
+        ),
         log_access=False,
+        log_dictconfig={
+            "formatters": {"safe": formatter},
+            "handlers": {"console": handler},
+            "loggers": {
+                "_granian": {"handlers": ["console"], "level": settings.log_level, "propagate": False}
+            },
+        },
         respawn_failed_workers=True,
-    ).serve()
-    return EXIT_OK
+    )
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -183,7 +235,7 @@ def _keys_create(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from sts.dev import run
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     return run(args.state_dir, args.port)
 
 
@@ -191,14 +243,14 @@ def _demo(args: argparse.Namespace) -> int:
     """Exit 0 only if every step of the story behaved as it must (``sts.demo_story``)."""
     from sts.demo_story import run
 
-    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    configure_logging("WARNING")
     return run(args.state_dir)
 
 
 def _workload_api(args: argparse.Namespace) -> int:
     from spire.server import serve
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     serve(args.config, args.state_dir)
     return EXIT_OK
 

@@ -5,7 +5,7 @@ wrong types and bad values stop start-up with a :class:`~sts.errors.ConfigError`
 its line. Relative paths are resolved against the config file's directory. Every setting has a
 safe default: no trust domain and no catalog entry means nothing can be issued.
 
-Imports ``sts.errors``, ``sts.spiffeid`` and ``sts.catalog`` only.
+Imports ``sts.errors``, ``sts.spiffeid``, ``sts.catalog`` and ``sts.strict_json`` only.
 """
 
 from __future__ import annotations
@@ -17,22 +17,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
 from sts.catalog import DEFAULT_MAX_TTL_SECONDS, Catalog, CatalogEntry, Sensitivity, TokenClass
 from sts.errors import ConfigError
 from sts.spiffeid import SpiffeId, SpiffeIdError, TrustDomain
+from sts.strict_json import split_uri
 
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "STS_CONFIG"
 
 SUPPORTED_SIGNING_ALGORITHMS = ("ES256",)
-_DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
+# At most 18 digits: int() of a longer text is slow or, past 4300 digits, a ValueError.
+_DURATION = re.compile(r"^(\d{1,18})\s*(s|m|h|d)?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+MAX_NUMBER = 2**31 - 1
+"""The largest whole number (or duration in seconds, ~68 years) any setting takes: larger values are
+typing mistakes, and would overflow float arithmetic, C ints and timers further on."""
 
 T = TypeVar("T")
 
@@ -98,6 +103,10 @@ class LimitSettings:
 
     per_workload_per_second: int = 20
     tokens_per_task: int = 200
+    # Per source address, per worker: refusals of requests that never authenticated (issue 11). Only
+    # refusals count and only refusals are answered 429, so an attacker sharing a workload's address
+    # cannot lock that workload out; suppressed refusals leave one summary audit line per window.
+    anonymous_refusals_per_minute: int = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,13 @@ class ServerSettings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     threads: int = 1  # measured (bench/): same throughput as 4, much shorter tail with the SQLite store
     max_body_bytes: int = 64 * 1024
+    # Deadlines against slow clients (issue 11): request line and headers, then the whole body, then
+    # (TLS listener) the handshake. A connection that misses one is closed; it never holds a thread.
+    header_timeout: int = 5
+    body_timeout: int = 10
+    handshake_timeout: int = 5
+    # Requests in flight (or connections being read) per worker before new ones wait in the backlog.
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +184,12 @@ class _Tree:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self._convert(loader, item, f"{path}[{i}]") for i, item in enumerate(node.value)]
-        return loader.construct_object(node)
+        try:
+            return loader.construct_object(node)
+        except (ValueError, OverflowError) as e:
+            # PyYAML raises plain ValueError for what it cannot build: an integer of more than 4300
+            # digits, a timestamp such as 2024-13-45. A setting, not a traceback.
+            raise ConfigError(f"{source_line(self.source, node)}: '{path}' is not a valid value ({e})") from e
 
     def where(self, path: str) -> str:
         variable = self.from_env.get(path)
@@ -212,7 +233,9 @@ class _Section:
         if value is None:
             return default
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            self.fail(self.key(name), "must be a whole number")
+            self.fail(self.key(name), "must be a whole number")  # .nan and .inf are floats: refused here
+        if kind is int and abs(value) > MAX_NUMBER:
+            self.fail(self.key(name), f"must be a whole number of at most {MAX_NUMBER}")
         if kind is str and not isinstance(value, str):
             self.fail(self.key(name), "must be a string")
         if kind is bool and not isinstance(value, bool):
@@ -230,8 +253,11 @@ class _Section:
         if value is None:
             return default
         seconds = parse_duration(value)
-        if seconds is None or seconds <= 0:
-            self.fail(self.key(name), "must be a positive duration such as 300, 300s, 5m, 24h or 1d")
+        if seconds is None or not 0 < seconds <= MAX_NUMBER:
+            self.fail(
+                self.key(name),
+                f"must be a positive duration such as 300, 300s, 5m, 24h or 1d (at most {MAX_NUMBER} s)",
+            )
         return seconds  # type: ignore[return-value]
 
     def path_value(self, name: str, base: Path, default: str | None = None) -> Path | None:
@@ -299,7 +325,7 @@ def _apply_env(tree: _Tree, environ: Mapping[str, str]) -> None:
             node = child
         try:
             node[leaf] = yaml.safe_load(environ[variable])
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError, OverflowError) as e:  # ValueError: see _Tree._convert
             raise ConfigError(f"environment {variable}: not a valid value: {e}") from e
         tree.from_env[dotted] = variable
     unknown = sorted(
@@ -385,6 +411,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     limits = LimitSettings(
         per_workload_per_second=limits_section.positive("per_workload_per_second", 20),
         tokens_per_task=limits_section.positive("tokens_per_task", 200),
+        anonymous_refusals_per_minute=limits_section.positive("anonymous_refusals_per_minute", 600),
     )
     limits_section.done()
 
@@ -402,6 +429,10 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         workers=server_section.positive("workers", os.cpu_count() or 1),
         threads=server_section.positive("threads", 1),
         max_body_bytes=server_section.positive("max_body_bytes", 64 * 1024),
+        header_timeout=server_section.duration("header_timeout", 5),
+        body_timeout=server_section.duration("body_timeout", 10),
+        handshake_timeout=server_section.duration("handshake_timeout", 5),
+        max_connections=server_section.positive("max_connections", 4096),
     )
     server_section.done()
 
@@ -436,10 +467,25 @@ def _store_url(section: _Section, base: Path) -> str:
     if url.startswith("sqlite:///") and relative.startswith(("./", "../")):
         # sqlite:///./x.db and sqlite:///../x.db are relative to the config file, like every other path.
         url = f"sqlite://{os.path.normpath(base / relative)}"
-    if urlsplit(url).scheme not in ("sqlite", "redis", "rediss", "memory"):
+    parts = _split(url)
+    if parts is None or parts.scheme not in ("sqlite", "redis", "rediss", "memory"):
         section.fail(section.key("url"), "must be sqlite:///path, redis://host:port/db or memory://")
     section.done()
     return url
+
+
+def _split(url: str) -> SplitResult | None:
+    """``urlsplit(url)``, or None where it or its ``port`` raises ValueError (``redis://[::1``, ``:99999``).
+
+    Store URLs may hold any file path (spaces, non-ASCII), so they are not held to
+    :func:`sts.strict_json.split_uri`; identifiers (issuer, public URL) are.
+    """
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        return None
+    return parts
 
 
 def _tls(section: _Section, base: Path, host: str, port: int) -> TlsSettings:
@@ -451,7 +497,8 @@ def _tls(section: _Section, base: Path, host: str, port: int) -> TlsSettings:
     if bool(source) == bool(cert or key) or (cert is None) != (key is None):
         section.fail(section.path, "needs either certificate: workload-api or both cert and key")
     public_url = section.get("public_url", str, f"https://{host}:{port}")
-    if urlsplit(public_url).scheme != "https":
+    parts = split_uri(public_url)
+    if parts is None or parts.scheme != "https":
         section.fail(section.key("public_url"), "must be an https URL")
     section.done()
     return TlsSettings(cert=cert, key=key, public_url=public_url.rstrip("/"))
@@ -478,10 +525,10 @@ def _workload_api(
 
 def _check_issuer(top: _Section, issuer: str) -> None:
     """RFC 8414 §2: an https URL with no query or fragment; plain http only on loopback (development)."""
-    parts = urlsplit(issuer)
-    if parts.query or parts.fragment or not parts.hostname:
+    parts = split_uri(issuer)  # None for "http://[::1", a bad port, white space or non-ASCII
+    if parts is None or parts.query or parts.fragment or not parts.hostname:
         top.fail("issuer", "must be an absolute URL without query or fragment (RFC 8414 §2)")
-    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
+    elif parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
         top.fail("issuer", "must use https (plain http is allowed only on a loopback address)")
     if issuer.endswith("/"):
         top.fail("issuer", "must not end with '/' (it is compared as an exact string)")

@@ -7,7 +7,8 @@ details such as key ids or bundle contents; ``detail`` is for the log only.
     StsError (server_error, 500)
      ├── InvalidRequest (invalid_request, 400)
      │    ├── InvalidToken          a subject/actor token failed verification (rule named)
-     │    └── RequestTooLarge       body over the cap (413)
+     │    ├── RequestTooLarge       body over the cap (413)
+     │    └── RequestTimeout        body (or head) too slow (408)
      ├── InvalidClient (invalid_client, 401)
      ├── InvalidTarget (invalid_target, 400)
      ├── InvalidScope (invalid_scope, 400)
@@ -73,6 +74,19 @@ class InvalidToken(InvalidRequest):
 
 class RequestTooLarge(InvalidRequest):
     status = 413
+
+    def headers(self) -> dict[str, str]:
+        # The rest of the body is never read, so the connection cannot carry another request.
+        return {"Connection": "close"}
+
+
+class RequestTimeout(InvalidRequest):
+    """The request (its body, on the TLS listener also its head) did not arrive within its deadline."""
+
+    status = 408
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class InvalidClient(StsError):

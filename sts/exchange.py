@@ -5,6 +5,21 @@ JWT-SVIDs → resolve the one target in the catalog → scopes → task → Ceda
 ``at+jwt`` with the class's key → audit. Every refusal is an :class:`~sts.errors.StsError`; nothing is
 signed on an error path, and every decision, issued or refused, is audited.
 
+Delegation rules (RFC 8693 §1.1, §2.1, §4.1, §4.4), each closing a way to act for someone who did not
+take part:
+
+- A token we issued that is bound (``cnf``) is a subject or actor token only with the proof its
+  ``cnf`` demands on this request: a DPoP proof made with the key of ``cnf.jkt`` (RFC 9449 §6, §7.1),
+  the TLS client certificate of ``cnf.x5t#S256`` (RFC 8705 §3). Holding a copy proves nothing.
+- A JWT-SVID actor token names this issuer as its only audience (one also sent elsewhere could be
+  replayed from there). A token we issued is an actor token only when the client authenticates on this
+  request (mTLS X.509-SVID or ``jwt-spiffe`` client assertion) as its ``sub``, it is that workload's own
+  token (no ``act``; its ``client_id`` is its ``sub``), and its audience is the target of this exchange.
+- A token we issued is a subject token only with an actor that serves its audience or that its
+  ``may_act`` names; a ``may_act`` that is not ``{"sub": "<SPIFFE ID>"}`` refuses the exchange.
+- Re-exchanging never crosses token class (tool → data, data → tool) unless policy opens that crossing
+  explicitly (``@allow_class_crossing``, see :mod:`sts.policy`); crossings are audited as such.
+
 Knows nothing of HTTP: it must not import Flask or ``sts.web``.
 """
 
@@ -35,7 +50,7 @@ from sts.errors import (
     UnsupportedGrantType,
 )
 from sts.keys import KeyRing
-from sts.policy import Policy, PolicyRequest, TaskFacts
+from sts.policy import SVID_SUBJECT, Decision, Policy, PolicyRequest, TaskFacts
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import RETENTION_SECONDS, Store, TaskRecord
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
@@ -89,7 +104,7 @@ class ExchangeRequest:
                 continue
             if len(items) > 1:
                 raise InvalidRequest(f"parameter '{name}' must not be repeated")
-            if items[0] != "":
+            if items and items[0] != "":
                 values[name] = items[0]
         grant_type = values.get("grant_type")
         if grant_type is None:
@@ -134,14 +149,25 @@ class IssuedToken:
 
 @dataclass(frozen=True, slots=True)
 class Party:
-    """A verified subject or actor: from a JWT-SVID, or from a token we issued (``audience`` set)."""
+    """A verified subject or actor: from a JWT-SVID (``token_class`` ``svid``), or a token we issued.
+
+    ``audience`` is the SVID's ``aud`` list, or the one target of an issued token; ``may_act`` is the
+    one actor RFC 8693 §4.4 allows, already checked to be well formed.
+    """
 
     spiffe_id: SpiffeId
     expiry: int
+    token_class: str = SVID_SUBJECT
+    audience: tuple[str, ...] = ()
     act: dict[str, Any] | None = None
-    audience: str | None = None
-    may_act: dict[str, Any] | None = None
+    may_act: SpiffeId | None = None
     task_id: str | None = None
+    client_id: str | None = None
+
+    @property
+    def issued(self) -> bool:
+        """A token this server issued (re-exchanged), not a JWT-SVID."""
+        return self.token_class != SVID_SUBJECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,13 +225,30 @@ class TokenExchange:
         self.audit = audit
         self.max_ttl = max_ttl
 
-    def exchange(self, request: ExchangeRequest, *, request_id: str, now: float | None = None) -> IssuedToken:
-        """Run every check and mint the token; audits the outcome either way."""
+    def exchange(
+        self,
+        request: ExchangeRequest,
+        *,
+        request_id: str,
+        now: float | None = None,
+        anonymous_refusal: Callable[[StsError, float], StsError | None] | None = None,
+    ) -> IssuedToken:
+        """Run every check and mint the token; audits the outcome either way.
+
+        ``anonymous_refusal`` (the HTTP layer's per-source budget, ``sts.refusal_limit``) is asked
+        about refusals met before any credential verified (no subject, no client): when it returns
+        an error, that error is raised instead and no audit line is written for this request.
+        """
         current = time.time() if now is None else now
         trail = _Trail(request_id)
         try:
             issued = self._exchange(request, trail, current)
         except StsError as e:
+            authenticated = "spiffe_id" in trail.fields or "client_id" in trail.fields
+            if anonymous_refusal is not None and not authenticated:
+                limited = anonymous_refusal(e, current)
+                if limited is not None:
+                    raise limited from e
             self.record_refusal(e, request_id=request_id, fields=trail.fields, now=current)
             raise
         except Exception:
@@ -255,10 +298,12 @@ class TokenExchange:
         if cnf:
             trail.fields["binding"] = binding
 
-        subject = self._party(subject_token, subject_token_type, "subject_token", now)
+        subject = self._party(subject_token, subject_token_type, "subject_token", cnf, now)
         trail.fields["spiffe_id"] = str(subject.spiffe_id)
+        if subject.issued:
+            trail.fields["subject_token_class"] = subject.token_class
         self._check_rate(subject.spiffe_id, now)
-        actor = self._verify_actor(request, now)
+        actor = self._verify_actor(request, client, cnf, now)
         if actor is not None:
             trail.fields["actor"] = str(actor.spiffe_id)
         act = self._delegation(subject, actor)
@@ -271,6 +316,12 @@ class TokenExchange:
 
         entry = self.catalog.resolve(request.audiences, request.resources)
         trail.fields.update(target=entry.id, token_class=entry.token_class.value)
+        if actor is not None and actor.issued and actor.audience != (entry.id,):
+            # RFC 9068 §4 audience restriction: the actor's token is good for its own target only.
+            raise InvalidRequest(
+                f"actor_token: its audience is {actor.audience[0]}, not the target of this exchange "
+                "(a token issued by this server acts only towards the target it was issued for)"
+            )
         scopes = self.catalog.check_scopes(entry, _parse_scope(request.scope))
         trail.fields["scopes"] = sorted(scopes)
 
@@ -294,32 +345,20 @@ class TokenExchange:
         if exception is not None:
             trail.fields["exception_id"] = exception.id
 
-        decision = self.policy.decide(
-            PolicyRequest(
-                principal=subject.spiffe_id,
-                target=entry,
-                scopes=scopes,
-                now=int(now),
-                client_auth=client.method if client else "none",
-                task=_task_facts(task),
-                actor=actor.spiffe_id if actor else None,
-                actors=frozenset(actor_chain(act)),
-                binding=binding,
-                break_glass=exception is not None,
-            )
+        policy_request = PolicyRequest(
+            principal=subject.spiffe_id,
+            target=entry,
+            scopes=scopes,
+            now=int(now),
+            client_auth=client.method if client else "none",
+            task=_task_facts(task),
+            actor=actor.spiffe_id if actor else None,
+            actors=frozenset(actor_chain(act)),
+            binding=binding,
+            break_glass=exception is not None,
+            subject_token_class=subject.token_class,
         )
-        trail.fields["policy_ids"] = list(decision.policy_ids)
-        if decision.errors:
-            # A policy that cannot be evaluated is a dependency down: refuse, and let operators see why.
-            trail.fields["policy_errors"] = list(decision.errors)
-            raise TemporarilyUnavailable("policy could not be evaluated", detail="; ".join(decision.errors))
-        if not decision.allowed:
-            trail.fields["denied_scopes"] = list(decision.denied_scopes)
-            wanted = " ".join(sorted(scopes))
-            raise InvalidTarget(
-                f"policy does not permit {subject.spiffe_id} to use {entry.id} with scope {wanted}",
-                detail=decision.reason,
-            )
+        decision = self._decide(policy_request, trail)
 
         if task is not None and not self.store.take_budget(
             f"budget:{task.id}",
@@ -346,6 +385,37 @@ class TokenExchange:
             trail=trail,
             now=now,
         )
+
+    def _decide(self, request: PolicyRequest, trail: _Trail) -> Decision:
+        """Ask policy (step 6): refuse unless every scope is permitted and any class crossing is opened.
+
+        The crossing check is a second default deny after Cedar's: a ``tool`` token re-exchanged for a
+        ``data`` target (or the reverse) needs a determining permit that carries
+        ``@allow_class_crossing`` for exactly that crossing; it is audited whether refused or allowed.
+        """
+        crossing = request.class_crossing
+        if crossing is not None:
+            trail.fields["class_crossing"] = crossing
+        decision = self.policy.decide(request)
+        trail.fields["policy_ids"] = list(decision.policy_ids)
+        if decision.errors:
+            # A policy that cannot be evaluated is a dependency down: refuse, and let operators see why.
+            trail.fields["policy_errors"] = list(decision.errors)
+            raise TemporarilyUnavailable("policy could not be evaluated", detail="; ".join(decision.errors))
+        if not decision.allowed:
+            trail.fields["denied_scopes"] = list(decision.denied_scopes)
+            wanted = " ".join(sorted(request.scopes))
+            raise InvalidTarget(
+                f"policy does not permit {request.principal} to use {request.target.id} with scope {wanted}",
+                detail=decision.reason,
+            )
+        if crossing is not None and crossing not in decision.class_crossings:
+            raise InvalidTarget(
+                f"subject_token: a {request.subject_token_class} token is not exchanged for a "
+                f"{request.target.token_class.value} token unless policy explicitly permits the crossing",
+                detail=f"{crossing} is not opened by an @allow_class_crossing permit ({decision.reason})",
+            )
+        return decision
 
     def _mint(
         self,
@@ -480,35 +550,74 @@ class TokenExchange:
             raise InvalidClient("the authenticated client is neither the subject nor the actor")
         return str(client.spiffe_id)
 
-    def _verify_actor(self, request: ExchangeRequest, now: float) -> Party | None:
+    def _verify_actor(
+        self, request: ExchangeRequest, client: ClientIdentity | None, proven: Mapping[str, str], now: float
+    ) -> Party | None:
+        """RFC 8693 §2.1 ``actor_token``: proof that the actor itself takes part in this request.
+
+        A JWT-SVID is the actor's own proof of identity, but only if this issuer is its only audience:
+        an SVID also sent to another audience can be replayed by that audience to pose as the actor.
+        A token we issued proves nothing of who presents it (its audience received a copy), so it is an
+        actor token only when the client authenticates as its subject on this request (mTLS X.509-SVID
+        or ``jwt-spiffe`` client assertion), and only as that workload's own token: not a delegated one
+        (its subject did not act) nor one another client holds. Its audience is checked against the
+        target once it is resolved (:meth:`_exchange`).
+        """
         if request.actor_token is None and request.actor_token_type is None:
             return None
         if request.actor_token is None or request.actor_token_type is None:
             raise InvalidRequest("actor_token and actor_token_type go together (RFC 8693 §2.1)")
         if request.actor_token_type not in PARTY_TOKEN_TYPES:
             raise InvalidRequest("actor_token_type must be " + " or ".join(PARTY_TOKEN_TYPES))
-        return self._party(request.actor_token, request.actor_token_type, "actor_token", now)
+        actor = self._party(request.actor_token, request.actor_token_type, "actor_token", proven, now)
+        if not actor.issued:
+            if actor.audience != (self.issuer,):
+                raise InvalidRequest(
+                    "actor_token: a JWT-SVID actor token must have this issuer as its only audience"
+                )
+            return actor
+        if client is None or client.spiffe_id != actor.spiffe_id:
+            raise InvalidRequest(
+                "actor_token: a token issued by this server is an actor token only when the client "
+                "authenticates (mTLS X.509-SVID or jwt-spiffe client_assertion) as its subject"
+            )
+        if actor.act is not None or actor.client_id != str(actor.spiffe_id):
+            raise InvalidRequest(
+                "actor_token: must be the actor's own token, "
+                "not one issued by delegation or to another client"
+            )
+        return actor
 
-    def _party(self, token: str, token_type: str, parameter: str, now: float) -> Party:
-        """A JWT-SVID, or an active token this server issued (delegation: it brings its ``act`` chain)."""
+    def _party(
+        self, token: str, token_type: str, parameter: str, proven: Mapping[str, str], now: float
+    ) -> Party:
+        """A JWT-SVID, or an active token this server issued (delegation: it brings its ``act`` chain).
+
+        ``proven`` is the ``cnf`` this request proved (:func:`_confirmation`): an issued token bound to
+        a key is usable only with the proof of that key (RFC 9449 §7.1, RFC 8705 §3).
+        """
         if token_type == TOKEN_TYPE_ACCESS_TOKEN:
             claims = self.issued_claims(token, now)
             if claims is None:
                 raise InvalidRequest(f"{parameter}: not an active token issued by this server")
+            _check_possession(claims.get("cnf"), proven, parameter)
             return Party(
                 spiffe_id=SpiffeId.parse(claims["sub"]),
                 expiry=int(claims["exp"]),
+                token_class=claims["token_class"],
+                audience=(claims["aud"],),
                 act=claims.get("act"),
-                audience=claims["aud"],
-                may_act=claims.get("may_act"),
+                may_act=_may_act(claims, parameter),
                 task_id=claims.get("task_id"),
+                client_id=claims.get("client_id"),
             )
         try:
             svid = self.verifier.verify(token, now=now)
         except InvalidToken as e:
             raise e.for_parameter(parameter) from e
-        may_act = svid.claims.get("may_act")
-        return Party(svid.spiffe_id, svid.expiry, may_act=may_act if isinstance(may_act, dict) else None)
+        return Party(
+            svid.spiffe_id, svid.expiry, audience=svid.audience, may_act=_may_act(svid.claims, parameter)
+        )
 
     def _delegation(self, subject: Party, actor: Party | None) -> dict[str, Any] | None:
         """RFC 8693 §4.1/§4.4: the new ``act``: this actor, with the chain the subject token carried inside.
@@ -517,13 +626,13 @@ class TokenExchange:
         audience (the one it was sent to) or that its ``may_act`` names. Chains are bounded in depth.
         """
         if actor is None:
-            if subject.audience is not None:
+            if subject.issued:
                 raise InvalidRequest("a token issued by this server is a subject only with an actor_token")
             return None
-        if subject.may_act is not None and subject.may_act.get("sub") != str(actor.spiffe_id):
+        if subject.may_act is not None and subject.may_act != actor.spiffe_id:
             raise InvalidRequest("the subject token's may_act does not name this actor")
-        if subject.audience is not None and subject.may_act is None:
-            entry = self.catalog.get(subject.audience)
+        if subject.issued and subject.may_act is None:
+            entry = self.catalog.get(subject.audience[0])
             if entry is None or actor.spiffe_id not in entry.resource_servers:
                 raise InvalidRequest("only a service the subject token was issued to may act with it")
         act: dict[str, Any] = {"sub": str(actor.spiffe_id)}
@@ -556,6 +665,50 @@ def actor_chain(act: Any) -> list[str]:
         actors.append(act["sub"])
         act = act.get("act")
     return actors
+
+
+def _may_act(claims: Mapping[str, Any], parameter: str) -> SpiffeId | None:
+    """RFC 8693 §4.4 ``may_act``: exactly ``{"sub": "<SPIFFE ID>"}``, or absent; anything else refuses.
+
+    Fail closed: a ``may_act`` we cannot read must not read as "anyone may act", and ignoring members
+    we do not match (``iss`` …) would widen the party it names, so they are refused too.
+    """
+    if "may_act" not in claims:
+        return None
+    may_act = claims["may_act"]
+    problem = f'{parameter}: may_act must be an object {{"sub": "<SPIFFE ID>"}} (RFC 8693 §4.4)'
+    if not isinstance(may_act, Mapping) or may_act.keys() != {"sub"} or not isinstance(may_act["sub"], str):
+        raise InvalidRequest(problem)
+    try:
+        return SpiffeId.parse(may_act["sub"])
+    except SpiffeIdError as e:
+        raise InvalidRequest(f"{problem}: {e}") from e
+
+
+def _check_possession(cnf: Any, proven: Mapping[str, str], parameter: str) -> None:
+    """A bound token is usable only by whoever proves, on this request, the key its ``cnf`` names.
+
+    RFC 9449 §6/§7.1: ``jkt`` needs this request's DPoP proof made with that key (the proof is fresh
+    and single use, so it proves possession now). RFC 8705 §3: ``x5t#S256`` needs that very TLS client
+    certificate on this connection. Every member must be met; a ``cnf`` we cannot check refuses.
+    """
+    if cnf is None:
+        return
+    if not isinstance(cnf, Mapping) or not cnf:
+        raise InvalidRequest(f"{parameter}: its confirmation (cnf) cannot be checked")
+    for member, value in cnf.items():
+        if member == "jkt":
+            if proven.get("jkt") != value:
+                raise InvalidRequest(
+                    f"{parameter}: bound to a DPoP key; send a DPoP proof made with that key"
+                )
+        elif member == "x5t#S256":
+            if proven.get("x5t#S256") != value:
+                raise InvalidRequest(
+                    f"{parameter}: bound to a TLS client certificate; present that certificate (mTLS)"
+                )
+        else:
+            raise InvalidRequest(f"{parameter}: its confirmation (cnf) cannot be checked")
 
 
 def _confirmation(dpop: DpopProof | None, client: ClientIdentity | None) -> dict[str, str]:

@@ -10,7 +10,8 @@ time it is loaded: production keys are provisioned with ``sts keys create`` (or 
 Rotation: when the newest key of a class is older than ``rotate_after``, a new one is made; keys stay
 published in the JWKS for another ``rotate_after`` so tokens signed before rotation still verify.
 
-Imports ``sts.catalog`` (for TokenClass) and ``sts.config`` (for KeySettings) only.
+Imports ``sts.catalog`` (for TokenClass), ``sts.config`` (for KeySettings), ``sts.binding`` (thumbprints)
+and ``sts.strict_json`` (parsing our own tokens back) only.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -39,11 +39,13 @@ from sts.binding import b64url, jwk_thumbprint
 from sts.catalog import TokenClass
 from sts.config import KeySettings
 from sts.errors import ConfigError
+from sts.strict_json import b64url_decode, loads_object, numeric_date
 
 log = logging.getLogger(__name__)
 
 ACCESS_TOKEN_TYPE = "at+jwt"
 _ES256 = ec.ECDSA(hashes.SHA256())
+_ES256_JWS = ECAlgorithm(ECAlgorithm.SHA256)  # RFC 7518 §3.4: verifies the R||S form of a JWS signature
 MAX_ISSUED_TOKEN_CHARS = 8192
 REFRESH_SECONDS = 10.0
 
@@ -186,7 +188,8 @@ class KeyRing:
         key = self._active[token_class]
         # RFC 7515 §7.1 by hand on the hot path: the header is the same for every token of this key, so it
         # is encoded once; the signature is cryptography's ECDSA, turned into the JWS R||S form (§A.3).
-        payload = b64url(json.dumps(dict(claims), separators=(",", ":")).encode())
+        # allow_nan=False: NaN and Infinity are not JSON (RFC 8259 §6); no token of ours carries one.
+        payload = b64url(json.dumps(dict(claims), separators=(",", ":"), allow_nan=False).encode())
         signing_input = f"{key.header_b64}.{payload}"
         r, s = decode_dss_signature(key._private_key.sign(signing_input.encode("ascii"), _ES256))
         return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
@@ -201,36 +204,34 @@ class KeyRing:
 
         For introspection and revocation (RFC 7662, RFC 7009): a token that is not ours, not an
         ``at+jwt``, tampered with or expired is simply not active; callers learn nothing more.
+
+        Parsed here rather than by PyJWT, whose ``json`` accepts NaN, raises ``RecursionError`` on a
+        deeply nested header and lets a ``kid`` list reach a dict lookup (``TypeError``): both parts go
+        through :mod:`sts.strict_json` and every claim a caller reads is type-checked (:func:`_issued`),
+        so any string at all is claims or None, never an exception.
         """
-        if len(token) > MAX_ISSUED_TOKEN_CHARS:
+        parts = token.split(".")
+        if len(token) > MAX_ISSUED_TOKEN_CHARS or not token.isascii() or len(parts) != 3:
             return None
         try:
-            header = jwt.get_unverified_header(token)
-            kid = header.get("kid", "")
-            if kid not in self._by_kid:
-                self.refresh(force=True)
-            key = self._by_kid.get(kid)
-            if key is None or header.get("typ") != ACCESS_TOKEN_TYPE:
-                return None
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key.public_key,
-                algorithms=["ES256"],
-                issuer=issuer,
-                # Time is checked below against the caller's clock (injectable), not PyJWT's.
-                options={
-                    "verify_aud": False,
-                    "verify_exp": False,
-                    "verify_iat": False,
-                    "verify_nbf": False,
-                    "require": ["exp", "iat", "nbf", "jti", "sub", "aud", "token_class"],
-                },
-            )
-        except jwt.PyJWTError:
+            header = loads_object(b64url_decode(parts[0]))
+            signature = b64url_decode(parts[2])
+        except ValueError:
             return None
-        if claims.get("token_class") != key.token_class.value or not claims["nbf"] <= now < claims["exp"]:
+        kid = header.get("kid")
+        if not isinstance(kid, str) or header.get("typ") != ACCESS_TOKEN_TYPE or header.get("alg") != "ES256":
             return None
-        return claims
+        if kid not in self._by_kid:
+            self.refresh(force=True)
+        key = self._by_kid.get(kid)
+        signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
+        if key is None or not _ES256_JWS.verify(signing_input, key.public_key, signature):
+            return None
+        try:
+            claims = loads_object(b64url_decode(parts[1]))
+        except ValueError:
+            return None
+        return claims if _issued(claims, key.token_class, issuer, now) else None
 
     def public_keys(self, token_class: TokenClass) -> dict[str, ec.EllipticCurvePublicKey]:
         return {k.kid: k.public_key for k in self._keys[token_class]}
@@ -238,6 +239,24 @@ class KeyRing:
     def key_class(self, kid: str) -> TokenClass | None:
         key = self._by_kid.get(kid)
         return key.token_class if key else None
+
+
+def _issued(claims: Mapping[str, Any], token_class: TokenClass, issuer: str, now: float) -> bool:
+    """The claims of our own RFC 9068 token, each of the type its readers rely on, live at ``now``.
+
+    ``exp``, ``iat`` and ``nbf`` are NumericDates (RFC 7519 §2, bounded by
+    :func:`sts.strict_json.numeric_date`); ``jti``, ``sub``, ``aud`` and ``token_class`` strings
+    (``aud`` is one catalog id: introspection looks it up); ``client_id`` and ``task_id`` strings
+    when present.
+    """
+    exp, iat, nbf = (numeric_date(claims.get(name)) for name in ("exp", "iat", "nbf"))
+    if exp is None or iat is None or nbf is None or not nbf <= now < exp:
+        return False
+    if claims.get("iss") != issuer or claims.get("token_class") != token_class.value:
+        return False
+    if not all(isinstance(claims.get(name), str) for name in ("jti", "sub", "aud")):
+        return False
+    return all(isinstance(claims.get(name, ""), str) for name in ("client_id", "task_id", "scope"))
 
 
 def create_provisioned_keys(settings: KeySettings, *, now: float | None = None) -> list[str]:

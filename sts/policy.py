@@ -6,6 +6,12 @@ files at start (errors name file and line), and evaluating one exchange as one C
 requested scope. Rules: default deny; every scope must be allowed; any evaluation error denies
 (fail closed); policy text and schema are parsed once, at load, never per request.
 
+Token class crossing (re-exchanging a ``tool`` token for a ``data`` token or the reverse) is a second
+default deny on top of Cedar's: policy sees the subject token's class (``context.subject_token_class``),
+and a crossing is permitted only when, for every requested scope, a permit that determined the
+decision carries ``@allow_class_crossing("tool->data")`` (or ``"data->tool"``). A permit without the
+annotation never opens a crossing, whatever its conditions say, so no existing or careless policy can.
+
 Imports only ``sts.errors``, ``sts.spiffeid``, ``sts.catalog`` and ``cedarpy``; never Flask or
 web code, never the store or the keys.
 """
@@ -27,7 +33,10 @@ from sts.spiffeid import SpiffeId
 
 __all__ = [
     "BINDINGS",
+    "CLASS_CROSSINGS",
     "CLIENT_AUTH_METHODS",
+    "SUBJECT_TOKEN_CLASSES",
+    "SVID_SUBJECT",
     "CedarPolicy",
     "Decision",
     "Policy",
@@ -42,6 +51,12 @@ __all__ = [
 
 CLIENT_AUTH_METHODS = frozenset({"none", "spiffe_x509", "spiffe_jwt"})
 BINDINGS = frozenset({"none", "mtls", "dpop"})
+# What the subject token is: a JWT-SVID, or a token we issued of one class (``context.subject_token_class``).
+SVID_SUBJECT = "svid"
+SUBJECT_TOKEN_CLASSES = frozenset({SVID_SUBJECT, *(token_class.value for token_class in TokenClass)})
+# The crossings a permit may open with @allow_class_crossing("<from>-><to>").
+CLASS_CROSSINGS = frozenset(f"{a.value}->{b.value}" for a in TokenClass for b in TokenClass if a != b)
+CLASS_CROSSING_ANNOTATION = "allow_class_crossing"
 
 TASK_CREATE_ACTION = "task:create"
 MEMO_ENTRIES = 4096  # distinct requests remembered within one second, per process
@@ -86,12 +101,23 @@ class PolicyRequest:
     actor: SpiffeId | None = None
     actors: frozenset[str] = frozenset()
     break_glass: bool = False
+    subject_token_class: str = SVID_SUBJECT
 
     def __post_init__(self) -> None:
         if self.client_auth not in CLIENT_AUTH_METHODS:
             raise ValueError(f"client_auth must be one of {sorted(CLIENT_AUTH_METHODS)}")
         if self.binding not in BINDINGS:
             raise ValueError(f"binding must be one of {sorted(BINDINGS)}")
+        if self.subject_token_class not in SUBJECT_TOKEN_CLASSES:
+            raise ValueError(f"subject_token_class must be one of {sorted(SUBJECT_TOKEN_CLASSES)}")
+
+    @property
+    def class_crossing(self) -> str | None:
+        """``"tool->data"`` when the subject is a token of another class than the target's, else None."""
+        target = self.target.token_class.value
+        if self.subject_token_class in (SVID_SUBJECT, target):
+            return None
+        return f"{self.subject_token_class}->{target}"
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -102,13 +128,18 @@ class PolicyRequest:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome and the policies behind it, for the token (TTL) and the audit log (ids)."""
+    """The outcome and the policies behind it, for the token (TTL) and the audit log (ids).
+
+    ``class_crossings`` holds the crossings an allow explicitly opens: those named by an
+    ``@allow_class_crossing`` permit among the determining policies of every requested scope.
+    """
 
     allowed: bool
     policy_ids: tuple[str, ...]
     ttl_seconds: int | None
     errors: tuple[str, ...]
     denied_scopes: tuple[str, ...] = ()
+    class_crossings: frozenset[str] = frozenset()
 
     @property
     def reason(self) -> str:
@@ -164,6 +195,12 @@ def explain(
             lines.append(f"task:      {request.task.id} ({request.task.purpose})")
         if request.actor is not None:
             lines.append(f"actor:     {request.actor}")
+        crossing = request.class_crossing
+        if crossing is not None:
+            opened = (
+                "permitted" if crossing in decision.class_crossings else "refused: no @allow_class_crossing"
+            )
+            lines.append(f"crossing:  {crossing} ({opened})")
     lines.append(f"decision:  {'ALLOW' if decision.allowed else 'DENY'}")
     lines.append(f"reason:    {decision.reason}")
     origins = origins or {}
@@ -251,12 +288,14 @@ def _split_statements(source: str) -> list[_Statement]:
 
 @dataclass(frozen=True, slots=True)
 class _LoadedPolicy:
-    """One parsed, validated policy: its shown id, ``file:line``, JSON (EST) form and ``@ttl``."""
+    """One parsed, validated policy: its shown id, ``file:line``, JSON (EST) form, ``@ttl`` and the
+    class crossing its ``@allow_class_crossing`` opens."""
 
     policy_id: str
     origin: str
     est: dict[str, Any]
     ttl_seconds: int | None
+    class_crossing: str | None = None
 
 
 def _parse_ttl(value: str) -> int:
@@ -299,11 +338,23 @@ def _load_statement(
         except ValueError as err:
             problems.append(f"{origin}: {err}")
             return None
+    class_crossing: str | None = None
+    if CLASS_CROSSING_ANNOTATION in annotations:
+        if est["effect"] != "permit":
+            problems.append(f"{origin}: @{CLASS_CROSSING_ANNOTATION} is meaningful only on permit policies")
+            return None
+        class_crossing = annotations[CLASS_CROSSING_ANNOTATION]
+        if class_crossing not in CLASS_CROSSINGS:
+            problems.append(
+                f"{origin}: @{CLASS_CROSSING_ANNOTATION} must name one crossing, "
+                f"{' or '.join(sorted(CLASS_CROSSINGS, reverse=True))}; got {class_crossing!r}"
+            )
+            return None
     policy_id = annotations.get("id", f"{name}:{statement.line}")
     if not policy_id:
         problems.append(f'{origin}: @id must not be empty (write @id("…") or leave it out)')
         return None
-    return _LoadedPolicy(policy_id, origin, est, ttl_seconds)
+    return _LoadedPolicy(policy_id, origin, est, ttl_seconds, class_crossing)
 
 
 class CedarPolicy:
@@ -321,6 +372,7 @@ class CedarPolicy:
         self._origins = {policy.policy_id: policy.origin for policy in policies}
         self._order = {policy_id: index for index, policy_id in enumerate(self._policy_ids)}
         self._ttl = {p.policy_id: p.ttl_seconds for p in policies if p.ttl_seconds is not None}
+        self._crossings = {p.policy_id: p.class_crossing for p in policies if p.class_crossing is not None}
         self._memo = _Memo(-1)
         document = {
             "staticPolicies": {policy.policy_id: policy.est for policy in policies},
@@ -421,6 +473,10 @@ class CedarPolicy:
             for request in (
                 PolicyRequest(sample, entry, entry.scopes, 0),
                 PolicyRequest(sample, entry, entry.scopes, 0, task=task, actor=sample),
+                *(
+                    PolicyRequest(sample, entry, entry.scopes, 0, actor=sample, subject_token_class=c.value)
+                    for c in TokenClass
+                ),
             ):
                 try:
                     results = self._evaluate(request, request.actions, schema)
@@ -440,6 +496,11 @@ class CedarPolicy:
     def policy_ids(self) -> tuple[str, ...]:
         """Every loaded policy's id in load order (file name order, then position in the file)."""
         return self._policy_ids
+
+    @property
+    def class_crossings(self) -> Mapping[str, str]:
+        """The policies that carry ``@allow_class_crossing``, by id, with the crossing each opens."""
+        return dict(self._crossings)
 
     @property
     def origins(self) -> Mapping[str, str]:
@@ -537,16 +598,23 @@ class CedarPolicy:
         return results
 
     def _combine(self, actions: Sequence[str], results: Sequence[cedarpy.AuthzResult]) -> Decision:
-        """Fold per-scope answers: all must allow; errors anywhere deny; ids in load order."""
+        """Fold per-scope answers: all must allow; errors anywhere deny; ids in load order.
+
+        A class crossing is open only if every scope's determining permits name it: one annotated
+        permit for ``read`` does not carry a ``write`` that an unannotated permit allowed.
+        """
         permits: set[str] = set()
         forbids: set[str] = set()
         errors: list[str] = []
         denied: list[str] = []
+        crossings: frozenset[str] | None = None
         for action, result in zip(actions, results, strict=True):
             diagnostics = result.diagnostics
             errors.extend(f"{action}: {error}" for error in diagnostics.errors)
             if result.allowed:
                 permits.update(diagnostics.reasons)
+                opened = frozenset(self._crossings[p] for p in diagnostics.reasons if p in self._crossings)
+                crossings = opened if crossings is None else crossings & opened
             else:
                 denied.append(action.partition(":")[2])
                 forbids.update(diagnostics.reasons)
@@ -554,7 +622,7 @@ class CedarPolicy:
             return Decision(False, self._in_order(forbids), None, tuple(errors), tuple(denied))
         policy_ids = self._in_order(permits)
         ttls = [self._ttl[p] for p in policy_ids if p in self._ttl]
-        return Decision(True, policy_ids, min(ttls) if ttls else None, ())
+        return Decision(True, policy_ids, min(ttls) if ttls else None, (), (), crossings or frozenset())
 
     def _in_order(self, policy_ids: Iterable[str]) -> tuple[str, ...]:
         return tuple(sorted(policy_ids, key=lambda p: self._order.get(p, len(self._order))))
@@ -618,6 +686,7 @@ def _context(request: PolicyRequest) -> dict[str, Any]:
         "binding": request.binding,
         "break_glass": request.break_glass,
         "actors": sorted(request.actors),
+        "subject_token_class": request.subject_token_class,
     }
     if request.task is not None:
         task = request.task

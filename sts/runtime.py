@@ -7,6 +7,7 @@ request ever pays for it. A part that cannot be built raises ConfigError and sta
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from sts.admin import Admin
@@ -19,6 +20,7 @@ from sts.exchange import TokenExchange
 from sts.introspection import Introspection
 from sts.keys import KeyRing
 from sts.policy import CedarPolicy
+from sts.refusal_limit import RefusalLimiter
 from sts.store import Store, StoreUnavailable
 from sts.store.factory import open_store
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
@@ -44,6 +46,7 @@ class Services:
     tasks: TaskService
     introspection: Introspection
     admin: Admin
+    refusals: RefusalLimiter
     watcher: WorkloadApiWatcher | None = None
 
     def readiness(self) -> list[str]:
@@ -65,6 +68,7 @@ class Services:
 
     def close(self) -> None:
         """Stop background streams and close the audit log (tests, and the parent of the workers)."""
+        self.refusals.close(time.time())
         if self.watcher is not None:
             self.watcher.stop()
         self.store.close()
@@ -174,6 +178,19 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         introspection=introspection,
         admin=Admin(
             store=store, catalog=settings.catalog, audit=audit, max_token_ttl=settings.tokens.max_ttl
+        ),
+        refusals=RefusalLimiter(
+            per_window=settings.limits.anonymous_refusals_per_minute,
+            report=lambda source, count, start, end: audit.record(
+                {
+                    "event": "refusals_suppressed",
+                    "decision": "deny",
+                    "source": source,
+                    "count": count,
+                    "window_start": round(start, 3),
+                    "window_end": round(end, 3),
+                }
+            ),
         ),
         watcher=watcher,
     )

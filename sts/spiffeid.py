@@ -26,6 +26,8 @@ class SpiffeIdError(ValueError):
 
 
 def _check_trust_domain(name: str) -> None:
+    if not isinstance(name, str):  # values from JSON or YAML may be anything; refuse, never TypeError
+        raise SpiffeIdError("trust domain must be a string")
     if not name:
         raise SpiffeIdError("trust domain is empty")
     if len(name) > MAX_TRUST_DOMAIN_BYTES:
@@ -65,6 +67,8 @@ class TrustDomain:
     @classmethod
     def parse(cls, text: str) -> TrustDomain:
         """Accept a bare name (``example.org``) or a trust-domain-only ID (``spiffe://example.org``)."""
+        if not isinstance(text, str):
+            raise SpiffeIdError("trust domain must be a string")
         if text.startswith(SCHEME_PREFIX):
             spiffe_id = SpiffeId.parse(text)
             if spiffe_id.path:
@@ -89,6 +93,8 @@ class SpiffeId:
     path: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.trust_domain, TrustDomain) or not isinstance(self.path, str):
+            raise SpiffeIdError("a SPIFFE ID is a trust domain and a path string")
         if self.path and not self.path.startswith("/"):
             raise SpiffeIdError("path must start with '/'")
         _check_path(self.path)

@@ -7,17 +7,13 @@ bundle contents. The signing key is chosen only from the bundle of the ``sub`` c
 (SPIFFE_Workload_API.md §4.6, §6.3); ``jku``, ``x5u``, ``jwk`` and ``x5c`` headers are never followed.
 Signatures are checked with PyJWT's algorithm objects on keys parsed once by :mod:`sts.trust`.
 
-Imports only ``sts.errors``, ``sts.spiffeid`` and ``sts.trust`` of the project; must not import web,
-policy, config or store modules. Does no I/O.
+Imports only ``sts.errors``, ``sts.spiffeid``, ``sts.strict_json`` and ``sts.trust`` of the project; must
+not import web, policy, config or store modules. Does no I/O.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import math
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -40,7 +36,8 @@ from jwt.algorithms import Algorithm, ECAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 
 from sts.errors import InvalidToken
 from sts.spiffeid import SpiffeId, SpiffeIdError
-from sts.trust import JwtAuthority, TrustStore, load_json_object
+from sts.strict_json import JsonError, b64url_decode, loads_object, numeric_date
+from sts.trust import JwtAuthority, TrustStore
 
 RULES: tuple[str, ...] = (
     "size",
@@ -95,8 +92,11 @@ _TYPES = ("JWT", "JOSE")
 # key/alg mismatch, bad signature), so a caller cannot map our federation or bundles; the rule and
 # its detail go to the log and audit only.
 UNVERIFIABLE = "token signature could not be verified with a trusted key"
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_DETAIL = 64
+_NOT_A_NUMERIC_DATE = "is not a NumericDate (seconds since 1970, up to the year 9999)"
+_TIME_CLAIMS = MappingProxyType(
+    {"exp": "expiry (exp)", "nbf": "not-before time (nbf)", "iat": "issue time (iat)"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,24 +270,28 @@ class JwtSvidVerifier:
         return audience
 
     def _check_times(self, claims: Mapping[str, Any], when: float) -> int:
-        """JWT-SVID.md §3.3 (``exp`` required) and RFC 7519 §4.1.4 to §4.1.6, each with the leeway."""
+        """JWT-SVID.md §3.3 (``exp`` required) and RFC 7519 §4.1.4 to §4.1.6, each with the leeway.
+
+        Each must be a NumericDate (RFC 7519 §2) as :func:`sts.strict_json.numeric_date` bounds it, so
+        that adding the leeway can neither overflow nor compare false against NaN.
+        """
         if "exp" not in claims:
             raise InvalidToken("exp", "token has no expiry (exp)")
-        exp = claims["exp"]
-        if not _is_number(exp):
-            raise InvalidToken("exp", "token expiry (exp) is not a number")
+        exp = numeric_date(claims["exp"])
+        if exp is None:
+            raise InvalidToken("exp", f"token {_TIME_CLAIMS['exp']} {_NOT_A_NUMERIC_DATE}")
         if when >= exp + self._leeway:
             raise InvalidToken("expired", "token is expired")
         if "nbf" in claims:
-            nbf = claims["nbf"]
-            if not _is_number(nbf):
-                raise InvalidToken("nbf", "token not-before time (nbf) is not a number")
+            nbf = numeric_date(claims["nbf"])
+            if nbf is None:
+                raise InvalidToken("nbf", f"token {_TIME_CLAIMS['nbf']} {_NOT_A_NUMERIC_DATE}")
             if nbf > when + self._leeway:
                 raise InvalidToken("nbf", "token is not valid yet")
         if "iat" in claims:
-            iat = claims["iat"]
-            if not _is_number(iat):
-                raise InvalidToken("iat", "token issue time (iat) is not a number")
+            iat = numeric_date(claims["iat"])
+            if iat is None:
+                raise InvalidToken("iat", f"token {_TIME_CLAIMS['iat']} {_NOT_A_NUMERIC_DATE}")
             if iat > when + self._leeway:
                 raise InvalidToken("iat", "token was issued in the future")
         return int(exp)
@@ -315,24 +319,26 @@ def _parse_compact(token: str) -> _CompactJws:
 
 def _base64url(part: str, name: str) -> bytes:
     """RFC 7515 §2: base64url without padding, strict alphabet, canonical (no stray trailing bits)."""
-    if _BASE64URL.fullmatch(part) is None or len(part) % 4 == 1:
-        raise InvalidToken("malformed", f"token {name} is not base64url without padding")
     try:
-        decoded = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except binascii.Error as e:
-        raise InvalidToken("malformed", f"token {name} is not base64url without padding") from e
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != part.encode("ascii"):
-        raise InvalidToken("malformed", f"token {name} is not canonical base64url")
-    return decoded
+        return b64url_decode(part)
+    except ValueError as e:
+        raise InvalidToken("malformed", f"token {name} is {e}") from e
 
 
 def _json_part(part: str, name: str) -> dict[str, Any]:
-    """A header or payload part: a JSON object with unique member names (RFC 7515 §4, RFC 7519 §4)."""
+    """A header or payload part: strict JSON (:mod:`sts.strict_json`), an object with unique member names
+    (RFC 7515 §4, RFC 7519 §4), no NaN/Infinity, no integer beyond 64 bits, no unpaired surrogate.
+
+    Such a value is refused here as ``malformed``, except a number too large for a time claim: that is
+    valid JSON grammar, so it is refused under the claim's own rule, as ``1e400`` always was.
+    """
     raw = _base64url(part, name)
     try:
-        return load_json_object(raw)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
-        raise InvalidToken("malformed", f"token {name} is not a JSON object") from e
+        return loads_object(raw)
+    except JsonError as e:
+        if name == "payload" and e.out_of_range and e.member is not None and e.member in _TIME_CLAIMS:
+            raise InvalidToken(e.member, f"token {_TIME_CLAIMS[e.member]} {_NOT_A_NUMERIC_DATE}") from e
+        raise InvalidToken("malformed", f"token {name} is not a JSON object we accept: {e}") from e
 
 
 def _subject(claims: Mapping[str, Any]) -> SpiffeId:
@@ -356,11 +362,6 @@ def _key_fits(key: JwtAuthority, algorithm: _Algorithm) -> bool:
     if algorithm.curve is None:
         return isinstance(key, RSAPublicKey)
     return isinstance(key, EllipticCurvePublicKey) and isinstance(key.curve, algorithm.curve)
-
-
-def _is_number(value: Any) -> bool:
-    """A JSON number (RFC 7519 NumericDate); ``true``/``false`` are not numbers even though Python says so."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 X509_RULES: tuple[str, ...] = ("x509_san", "x509_leaf", "trust_domain", "x509_chain")

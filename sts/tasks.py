@@ -32,6 +32,7 @@ from sts.errors import (
 from sts.policy import Policy, TaskCreateRequest
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import Store, TaskRecord, TaskTarget
+from sts.strict_json import is_text
 
 MAX_PURPOSE_CHARS = 500
 MAX_TARGETS = 32
@@ -55,15 +56,18 @@ class TaskRequest:
         if unknown:
             raise InvalidRequest(f"unknown field '{unknown[0]}' (known: {', '.join(sorted(_KNOWN_FIELDS))})")
         try:
-            assignee = SpiffeId.parse(str(body.get("assignee", "")))
+            assignee = SpiffeId.parse(body.get("assignee", ""))  # parse refuses what is not a str
         except SpiffeIdError as e:
             raise InvalidRequest(f"assignee must be a SPIFFE ID: {e}") from e
         purpose = body.get("purpose")
-        if not isinstance(purpose, str) or not purpose.strip() or len(purpose) > MAX_PURPOSE_CHARS:
+        # is_text: an unpaired surrogate (json.loads makes one of "\ud800") would fail in the store.
+        if not is_text(purpose) or not purpose.strip() or len(purpose) > MAX_PURPOSE_CHARS:
             raise InvalidRequest(
                 f"purpose must be a non-empty string of at most {MAX_PURPOSE_CHARS} characters"
             )
         ttl = body.get("ttl_seconds")
+        # A whole JSON number: NaN, 1e999 (inf), 60.0, true and "60" are not; integers of any size are
+        # compared as integers, never converted to float.
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= max_ttl:
             raise InvalidRequest(f"ttl_seconds must be a whole number from 1 to {max_ttl}")
         return cls(assignee, _targets(body.get("targets"), catalog), purpose, ttl)

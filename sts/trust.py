@@ -8,15 +8,15 @@ bundles of different trust domains are never merged).
 
 Keys are parsed here once; verifiers use the key objects and never see JWK or PEM text.
 
-Imports only ``sts.errors`` and ``sts.spiffeid`` of the project; must not import ``sts.svid`` or any
-web, policy or config module.
+Imports only ``sts.errors``, ``sts.spiffeid`` and ``sts.strict_json`` of the project; must not import
+``sts.svid`` or any web, policy or config module. ``load_json_object`` is
+:func:`sts.strict_json.loads_object`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import threading
@@ -37,6 +37,7 @@ from jwt.exceptions import PyJWTError
 
 from sts.errors import TemporarilyUnavailable
 from sts.spiffeid import TrustDomain
+from sts.strict_json import loads_object as load_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -60,37 +61,6 @@ _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 class BundleError(ValueError):
     """A trust bundle cannot be parsed or holds something a bundle must not; the message says what."""
-
-
-def load_json_object(data: bytes | str) -> dict[str, Any]:
-    """Decode strict UTF-8 JSON that must be an object; duplicate member names and NaN/Infinity are refused.
-
-    RFC 7515 §4, RFC 7517 §4 and RFC 7519 §4 let parsers refuse duplicate names; refusing them (and
-    the non-JSON constants Python accepts) keeps every reader of the same bytes agreeing on their
-    meaning. Raises only ``ValueError`` (deep nesting included); shared by bundle and JWT-SVID parsing.
-    """
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
-    try:
-        value = json.loads(text, object_pairs_hook=_unique_members, parse_constant=_refuse_constant)
-    except RecursionError as e:
-        # Deep nesting ("[[[[…") fits in a small token; it must be a refusal, not a server error.
-        raise ValueError("JSON is nested too deeply") from e
-    if isinstance(value, dict):
-        return value
-    raise ValueError("not a JSON object")
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise ValueError("duplicate JSON member name")
-        result[name] = value
-    return result
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +166,10 @@ class TrustBundle:
 def _load_jwk_set(data: bytes, where: str) -> tuple[dict[str, Any], list[Any]]:
     """The JWK Set object and its ``keys`` list, which MUST be present (may be empty: all keys revoked)."""
     try:
+        # Strict JSON (sts.strict_json): no NaN, no duplicate names, no integer beyond 64 bits (a
+        # 400-digit spiffe_refresh_hint), no unpaired surrogate, bounded nesting.
         document = load_json_object(data)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+    except ValueError as e:
         raise BundleError(f"{where} is not a JSON object ({e})") from e
     if "keys" not in document:
         raise BundleError(f"{where} has no 'keys' member")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import binascii
 import functools
 import hmac
-import json
 import logging
 import ssl
 import threading
@@ -54,6 +53,7 @@ from flask import Response, g, jsonify, request
 from sts.binding import DPOP_ALGORITHMS, DpopVerifier, InvalidDpopProof, certificate_thumbprint
 from sts.client import CachedJwtSvid, SvidSource, WorkloadApiSvids
 from sts.errors import StsError, TemporarilyUnavailable
+from sts.strict_json import loads, numeric_date
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Introspection:
                 detail=f"introspection: HTTP {response.status_code}",
             )
         try:
-            body = response.json()
+            body = loads(response.content)  # strict (sts.strict_json): never a RecursionError
         except ValueError as e:
             raise TemporarilyUnavailable("the STS did not answer the revocation check") from e
         # An active answer must be about this very token (RFC 7662 §2.2 repeats its claims).
@@ -503,7 +503,7 @@ class TokenVerifier:
     def _check_header(self, segment: str, refuse: Callable[[str, str], InvalidAccessToken]) -> str:
         """RFC 9068 §4, RFC 8725 §3.1: ``typ``, the one ``alg``, no ``crit``, a ``kid`` of our class."""
         try:
-            header = json.loads(_b64decode(segment))
+            header = loads(_b64decode(segment))
         except ValueError as e:
             raise refuse("malformed", "the access token is not a compact JWS") from e
         if not isinstance(header, dict):
@@ -530,17 +530,20 @@ class TokenVerifier:
             return InvalidAccessToken(rule, description, scheme=scheme)
 
         try:
-            claims = json.loads(_b64decode(payload))
+            # Strict JSON (sts.strict_json): no NaN, no integer beyond 64 bits, bounded nesting.
+            claims = loads(_b64decode(payload))
         except ValueError as e:
-            raise refuse("malformed", "the access token's claims are not JSON") from e
+            raise refuse("malformed", f"the access token's claims are not JSON we accept: {e}") from e
         if not isinstance(claims, dict):
             raise refuse("malformed", "the access token's claims are not a JSON object")
         for name in REQUIRED_STRING_CLAIMS:
             if not isinstance(claims.get(name), str):
                 raise refuse("claims", f"the access token has no {name} claim")
-        for name in REQUIRED_TIME_CLAIMS:
-            if not _is_number(claims.get(name)):
-                raise refuse("claims", f"the access token has no {name} claim")
+        # RFC 7519 §2 NumericDates, bounded (sts.strict_json.numeric_date): adding the leeway can
+        # neither overflow nor compare false against NaN.
+        exp, iat = (numeric_date(claims.get(name)) for name in REQUIRED_TIME_CLAIMS)
+        if exp is None or iat is None:
+            raise refuse("claims", "the access token's exp and iat must be NumericDates (RFC 7519 §2)")
         if not isinstance(claims.setdefault("scope", ""), str):
             raise refuse("claims", "the access token's scope must be a string")
         if claims["iss"] != self.issuer:
@@ -549,10 +552,10 @@ class TokenVerifier:
             raise refuse("audience", "the access token was issued for another service")
         if claims["token_class"] != self.token_class:
             raise refuse("token_class", "the access token is of a class this service does not accept")
-        if now >= claims["exp"] + self._leeway:
+        if now >= exp + self._leeway:
             raise refuse("expired", "the access token has expired")
-        nbf: Any = claims.get("nbf", claims["iat"])
-        if not _is_number(nbf) or max(nbf, claims["iat"]) > now + self._leeway:
+        nbf = numeric_date(claims["nbf"]) if "nbf" in claims else iat
+        if nbf is None or max(nbf, iat) > now + self._leeway:
             raise refuse("not_yet_valid", "the access token is not valid yet")
         return claims
 
@@ -576,8 +579,10 @@ class TokenVerifier:
             return "none"
         if not isinstance(cnf, dict) or not cnf or set(cnf) - {"jkt", "x5t#S256"}:
             raise InvalidAccessToken("cnf", "the access token is bound in a way this service cannot check")
+        jkt, x5t = cnf.get("jkt"), cnf.get("x5t#S256")
+        if not all(value is None or isinstance(value, str) for value in (jkt, x5t)):
+            raise InvalidAccessToken("cnf", "the access token is bound in a way this service cannot check")
         kinds = []
-        jkt = cnf.get("jkt")
         if jkt is not None:
             if scheme != "DPoP":
                 raise InvalidAccessToken(
@@ -593,12 +598,14 @@ class TokenVerifier:
                 )
             except InvalidDpopProof as e:
                 raise DpopProofRefused(e.description) from e
-            if not hmac.compare_digest(checked.jkt, str(jkt)):
+            # As bytes: compare_digest refuses str that is not ASCII with a TypeError.
+            if not hmac.compare_digest(checked.jkt.encode(), jkt.encode()):
                 raise DpopProofRefused("the DPoP proof is not made with the key the access token is bound to")
             kinds.append("dpop")
-        x5t = cnf.get("x5t#S256")
         if x5t is not None:
-            if certificate is None or not hmac.compare_digest(certificate_thumbprint(certificate), str(x5t)):
+            if certificate is None or not hmac.compare_digest(
+                certificate_thumbprint(certificate).encode(), x5t.encode()
+            ):
                 raise InvalidAccessToken(
                     "mtls",
                     "this access token is bound to a TLS client certificate this connection did not present",
@@ -675,10 +682,12 @@ class TokenVerifier:
             return None
 
     def _get_json(self, url: str) -> dict[str, Any]:
+        """A metadata or JWKS document, parsed strictly (sts.strict_json): NaN, duplicate names or deep
+        nesting make it unusable (503), never a server error."""
         try:
             response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
             response.raise_for_status()
-            body = response.json()
+            body = loads(response.content)
         except (requests.RequestException, ValueError) as e:
             raise TemporarilyUnavailable("the STS's keys cannot be fetched", detail=f"{url}: {e}") from e
         if not isinstance(body, dict):
@@ -780,7 +789,3 @@ def _b64decode(segment: str) -> bytes:
         return binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, UnicodeEncodeError) as e:
         raise ValueError("not base64url") from e
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -11,7 +11,7 @@ import pytest
 from sts.audit import AuditLog
 from sts.cli import main
 from tests.authority import TestAuthority
-from tests.conftest import write_config
+from tests.conftest import RunningServer, write_config
 
 AGENT = "spiffe://example.org/agent/researcher"
 
@@ -111,3 +111,18 @@ def test_keys_create_and_audit_verify(
     assert main(["audit", "verify", str(tmp_path / "a.jsonl")]) == 0
     (tmp_path / "a.jsonl").write_text((tmp_path / "a.jsonl").read_text().replace('"n":1', '"n":2'))
     assert main(["audit", "verify", str(tmp_path / "a.jsonl")]) == 1
+
+
+def test_serve_refuses_an_address_in_use(server: RunningServer) -> None:
+    """granian binds with SO_REUSEPORT: without the probe a second server would share the port."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sts.cli", "serve", "--config", str(server.directory / "sts.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    port = server.url.rsplit(":", 1)[1]
+    assert f"listen.port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

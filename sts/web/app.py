@@ -1,20 +1,38 @@
-"""The Flask app factory: no global app, one error handler for the whole error tree."""
+"""The web application: the Flask app (every route but ``/token``) and the one dispatcher in front of it.
+
+:class:`StsHttp` is what the listeners call with a complete request; :func:`create_app` gives the
+same routes as a WSGI app (tests, embedding), with ``/token`` answered by the same endpoint object.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from sts.config import config_path_from_env, load_settings
 from sts.errors import RequestTooLarge, StsError
+from sts.logsafe import configure_logging
 from sts.runtime import Services, build_services
-from sts.web.common import error_response
+from sts.web.common import error_response, gate_refusal
+from sts.web.http import (
+    HttpRequest,
+    HttpResponse,
+    WsgiApp,
+    call_wsgi,
+    environ_for,
+    request_from_environ,
+    status_line,
+)
 from sts.web.oauth import oauth
 from sts.web.ops import ops
 from sts.web.resources import resources
-from sts.web.token_endpoint import TokenEndpoint, request_id
+from sts.web.token_endpoint import TokenEndpoint, anonymous_refusal, request_id
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +46,11 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(oauth)
     app.register_blueprint(ops)
     app.register_blueprint(resources)
-    app.wsgi_app = TokenEndpoint(services, app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = _WsgiFront(services, app.wsgi_app)  # type: ignore[method-assign]
 
     @app.before_request
     def assign_request_id() -> None:
-        g.request_id = request_id(request.environ)
+        g.request_id = request_id(request.headers.get("X-Request-Id"))
 
     @app.after_request
     def common_headers(response: Response) -> Response:
@@ -43,7 +61,7 @@ def create_app(services: Services) -> Flask:
 
     @app.errorhandler(StsError)
     def protocol_error(error: StsError) -> Response:
-        return error_response(error)
+        return error_response(gate_refusal(error))
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(error: RequestEntityTooLarge) -> Response:
@@ -68,8 +86,67 @@ def create_app(services: Services) -> Flask:
     return app
 
 
-def create_app_from_env() -> Flask:
-    """Factory for the WSGI server's worker processes: config from ``STS_CONFIG`` (set by ``sts serve``)."""
+class _WsgiFront:
+    """WSGI middleware: ``/token`` through :class:`TokenEndpoint`, everything else to the Flask app."""
+
+    def __init__(self, services: Services, app: WsgiApp) -> None:
+        self._token = TokenEndpoint(services)
+        self._app = app
+        self._limit = services.settings.server.max_body_bytes
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/token":
+            return self._app(environ, start_response)
+        answer = self._token.handle(request_from_environ(environ, self._limit))
+        start_response(status_line(answer.status), answer.headers)
+        return [answer.body]
+
+
+class StsHttp:
+    """What a listener calls with a complete request: one synchronous answer, never an exception."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._token = TokenEndpoint(services)
+        self._flask = create_app(services)
+
+    def handle(self, request: HttpRequest) -> HttpResponse:
+        if request.path == "/token":
+            return self._token.handle(request)
+        try:
+            if request.body_error is not None:
+                return self._body_refused(request, request.body_error)
+            return call_wsgi(self._flask, environ_for(request))
+        except Exception:  # a bug below Flask's own handlers: answered generically, never the detail
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            return _json_response(500, StsError().to_json(), [])
+
+    def _body_refused(self, request: HttpRequest, error: StsError) -> HttpResponse:
+        """408/413 met while reading the body of a JSON or OAuth endpoint (anonymous: nothing was read)."""
+        shown = anonymous_refusal(self.services, error, request.source, time.time()) or error
+        log.info("refused %s %s: %s %s", request.method, request.path, shown.error, shown.description)
+        return _json_response(shown.status, shown.to_json(), list(shown.headers().items()))
+
+
+def _json_response(status: int, body: object, extra: list[tuple[str, str]]) -> HttpResponse:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(payload))),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        *extra,
+    ]
+    return HttpResponse(status, headers, payload)
+
+
+def services_from_env() -> Services:
+    """The services of one worker process: config from ``STS_CONFIG`` (set by ``sts serve``)."""
     settings = load_settings(config_path_from_env())
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(build_services(settings))
+    configure_logging(settings.log_level)
+    return build_services(settings)
+
+
+def create_app_from_env() -> Flask:
+    """A WSGI app for embedding the STS in another WSGI server (``sts serve`` uses :class:`StsHttp`)."""
+    return create_app(services_from_env())

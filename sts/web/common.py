@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Response, current_app, g, jsonify, request
 
 from sts.errors import StsError
 from sts.runtime import Services
+from sts.web.token_endpoint import anonymous_refusal
 
 log = logging.getLogger("sts.web")
 
 
 def services() -> Services:
     return current_app.extensions["sts"]  # type: ignore[no-any-return]
+
+
+def gate_refusal(error: StsError) -> StsError:
+    """A refusal of an unauthenticated caller (401) counts against its address's refusal budget.
+
+    Past the budget the answer becomes 429 and no per-request audit line is written (a summary line
+    is: ``sts.refusal_limit``). Refusals of authenticated callers are never limited here.
+    """
+    if error.status != 401 or g.get("refusal_gated"):
+        return error
+    g.refusal_gated = True
+    limited = anonymous_refusal(services(), error, request.remote_addr or "", time.time())
+    if limited is not None:
+        g.refusal_suppressed = True
+    return limited or error
 
 
 def error_response(error: StsError) -> Response:

@@ -4,55 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import NotFound
 
 from sts.binding import DPOP_ALGORITHMS
 from sts.catalog import TokenClass
-from sts.errors import InvalidRequest, RequestTooLarge
+from sts.errors import InvalidRequest
 from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE
 from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
 from sts.web.common import services
-from sts.web.tls import client_certificate_chain
+from sts.web.http import client_certificate_chain, parse_form, read_wsgi_body
 
 oauth = Blueprint("oauth", __name__)
 
-FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
-
-
 def read_form() -> dict[str, list[str]]:
-    """The form body of this request (introspection, revocation); see :func:`form_from_environ`."""
-    return form_from_environ(request.environ, services().settings.server.max_body_bytes)
-
-
-def form_from_environ(environ: Mapping[str, Any], limit: int) -> dict[str, list[str]]:
-    """The form body of an OAuth endpoint, refusing the wrong media type, query parameters and excess.
-
-    The body is read here, past the limit: with a chunked body Werkzeug's form parser stops at the
-    limit silently, and the parameters after it would vanish instead of being refused.
-    """
-    mimetype = str(environ.get("CONTENT_TYPE", "")).partition(";")[0].strip().lower()
-    if mimetype != FORM_CONTENT_TYPE:
-        raise InvalidRequest(f"the request must be sent as {FORM_CONTENT_TYPE}")
-    if environ.get("QUERY_STRING"):
-        raise InvalidRequest("parameters must be sent in the request body, not the URL")
-    declared = str(environ.get("CONTENT_LENGTH") or "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"request body is larger than {limit} bytes")
-    stream = environ["wsgi.input"]
-    body = stream.read(int(declared)) if declared.isdigit() else stream.read(limit + 1)
-    if len(body) > limit or (not declared.isdigit() and stream.read(1) != b""):
-        raise RequestTooLarge(f"request body is larger than {limit} bytes")
-    try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except UnicodeDecodeError as e:
-        raise InvalidRequest("the request body is not UTF-8") from e
-    form: dict[str, list[str]] = {}
-    for name, value in pairs:
-        form.setdefault(name, []).append(value)
-    return form
+    """The form body of this request (introspection, revocation): the listener already bounded it."""
+    limit = services().settings.server.max_body_bytes
+    return parse_form(
+        read_wsgi_body(request.environ, limit),
+        request.environ.get("CONTENT_TYPE", ""),
+        request.environ.get("QUERY_STRING", ""),
+    )
 
 
 def _token_parameter(form: dict[str, list[str]]) -> str:

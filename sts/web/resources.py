@@ -6,18 +6,18 @@ need an admin SPIFFE ID. Views only parse and render; the rules live in ``sts.ta
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from sts import strict_json
 from sts.admin import exception_json
 from sts.callers import Caller
 from sts.errors import InvalidRequest, StsError
 from sts.tasks import task_json
-from sts.web.common import error_response, services
-from sts.web.tls import client_certificate_chain
+from sts.web.common import error_response, gate_refusal, services
+from sts.web.http import client_certificate_chain
 
 resources = Blueprint("resources", __name__)
 
@@ -26,7 +26,13 @@ JSON_CONTENT_TYPE = "application/json"
 
 @resources.errorhandler(StsError)
 def refused(error: StsError) -> Response:
-    """Every refused call here (bad credentials, not an admin, bad body) leaves an audit line."""
+    """Every refused call here (bad credentials, not an admin, bad body) leaves an audit line.
+
+    Except past an anonymous caller's refusal budget (``gate_refusal``): then one summary line.
+    """
+    error = gate_refusal(error)
+    if g.get("refusal_suppressed"):
+        return error_response(error)
     services().audit.record(
         {
             "event": "api_refusal",
@@ -53,12 +59,14 @@ def _admin() -> Caller:
 
 
 def _json_body() -> Any:
+    """The JSON body, parsed strictly (``sts.strict_json``: no duplicate members, NaN or huge numbers)."""
     if request.mimetype != JSON_CONTENT_TYPE:
         raise InvalidRequest(f"the body must be {JSON_CONTENT_TYPE}")
     try:
-        return json.loads(request.get_data())
-    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
-        raise InvalidRequest("the body is not valid JSON") from e
+        return strict_json.loads(request.get_data())
+    except strict_json.JsonError as e:
+        member = f" (member '{e.member}')" if e.member and e.member not in str(e) else ""
+        raise InvalidRequest(f"the body is not valid JSON: {e}{member}") from e
 
 
 @resources.post("/tasks")

@@ -1,12 +1,11 @@
-"""The TLS listener (``listen.tls``): gunicorn with a TLS context rebuilt whenever trust changes.
+"""The TLS listener's context (``listen.tls``), rebuilt whenever trust changes.
 
-granian does not hand the client certificate to the application, so the TLS listener runs under
-gunicorn (gthread workers), which wraps every accepted connection with the context our hook returns.
-The hook returns the newest context: the server's own X.509-SVID from the Workload API (or a file
-pair), and as client CAs every configured trust domain's X.509 authorities. So a rotated SVID or CA
-is used without a restart. Client certificates are optional at the TLS layer; OpenSSL only checks
-that they chain to *some* trusted authority, and the exchange then verifies the leaf as an X.509-SVID
-against its *own* trust domain's bundle (``sts.svid.X509SvidVerifier``).
+The listener (``sts.web.tls_server``) asks for the context of every new connection. It is the
+newest: the server's own X.509-SVID from the Workload API (or a file pair), and as client CAs every
+configured trust domain's X.509 authorities. So a rotated SVID or CA is used without a restart.
+Client certificates are optional at the TLS layer; OpenSSL only checks that they chain to *some*
+trusted authority, and the exchange then verifies the leaf as an X.509-SVID against its *own* trust
+domain's bundle (``sts.svid.X509SvidVerifier``).
 
 Python 3.11 exposes only the leaf of the client's chain, so an SVID issued through an intermediate
 fails that second check (closed, never open) until Python 3.13's ``get_verified_chain``.
@@ -19,20 +18,13 @@ import os
 import ssl
 import tempfile
 import threading
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from flask import Flask
-from gunicorn.app.base import BaseApplication
+from cryptography.hazmat.primitives import serialization
 
-from sts.config import Settings, TlsSettings, load_settings
+from sts.config import TlsSettings
 from sts.errors import TemporarilyUnavailable
-from sts.runtime import Services, build_services
 from sts.trust import TrustBundle, TrustStore
 from sts.workload_api import WorkloadApiWatcher
 
@@ -116,81 +108,3 @@ def _write_private(path: Path, data: bytes) -> str:
         f.write(data)
     os.replace(temporary, path)
     return str(path)
-
-
-def client_certificate_chain(environ: dict[str, Any]) -> tuple[x509.Certificate, ...]:
-    """The verified client certificate of this connection (leaf only before Python 3.13), if any."""
-    sock = environ.get("gunicorn.socket")
-    if not isinstance(sock, ssl.SSLSocket):
-        return ()
-    der = sock.getpeercert(binary_form=True)
-    return (x509.load_der_x509_certificate(der),) if der else ()
-
-
-class TlsApplication(BaseApplication):  # type: ignore[misc]
-    """``sts serve`` with ``listen.tls``: gunicorn gthread workers, each building its own Services."""
-
-    def __init__(self, config_path: Path, settings: Settings) -> None:
-        self._config_path = config_path
-        self._settings = settings
-        self._tls: ServerTls | None = None
-        super().__init__()
-
-    def load_config(self) -> None:
-        listen = self._settings.listen
-        placeholder = _placeholder_certificate()
-        settings = {
-            "bind": f"{listen.host}:{listen.port}",
-            "workers": self._settings.server.workers,
-            "worker_class": "gthread",
-            "threads": self._settings.server.threads,
-            "certfile": placeholder[
-                0
-            ],  # gunicorn needs files to switch TLS on; our hook supplies the context
-            "keyfile": placeholder[1],
-            "ssl_context": self._ssl_context,
-            "accesslog": None,
-            "preload_app": False,
-        }
-        for name, value in settings.items():
-            self.cfg.set(name, value)
-
-    def load(self) -> Flask:
-        """In each worker (after fork): the services, and the TLS context source over their trust store."""
-        from sts.web.app import create_app
-
-        settings = load_settings(self._config_path)
-        services: Services = build_services(settings)
-        assert settings.listen.tls is not None  # noqa: S101 (guarded by sts serve)
-        self._tls = ServerTls(settings.listen.tls, services.trust, services.watcher)
-        return create_app(services)
-
-    def _ssl_context(self, conf: Any, default_factory: Any) -> ssl.SSLContext:
-        if self._tls is None:
-            return default_factory()  # type: ignore[no-any-return]
-        return self._tls.context()
-
-
-def _placeholder_certificate() -> tuple[str, str]:
-    """A throwaway self-signed pair that only satisfies gunicorn's start-up check; never served."""
-    directory = Path(tempfile.mkdtemp(prefix="sts-tls-placeholder-"))
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sts placeholder")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return (
-        _write_private(directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM)),
-        _write_private(directory / "key.pem", key_pem),
-    )

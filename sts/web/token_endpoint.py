@@ -1,8 +1,8 @@
-"""``POST /token`` as a plain WSGI handler in front of Flask: the hot path of every exchange.
+"""``POST /token`` outside Flask: the hot path of every exchange.
 
 Flask's request and response machinery cost more per exchange than the exchange itself (bench/:
-~170 µs of ~510 µs), so this one route is served here with the same rules, headers, error bodies,
-logging and audit as every other endpoint; all other requests go on to the Flask app.
+~170 µs of ~510 µs), so this one route is answered here, from a complete :class:`HttpRequest`,
+with the same rules, headers, error bodies, logging and audit as every other endpoint.
 """
 
 from __future__ import annotations
@@ -12,80 +12,97 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterable
-from typing import Any
+import time
 
-from sts.errors import StsError
+from sts.errors import RateLimited, StsError
 from sts.exchange import ExchangeRequest
 from sts.runtime import Services
-from sts.web.oauth import form_from_environ
-from sts.web.tls import client_certificate_chain
+from sts.web.http import HttpRequest, HttpResponse, parse_form
 
 log = logging.getLogger("sts.web")
 
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_STATUS = {
-    200: "200 OK",
-    400: "400 Bad Request",
-    401: "401 Unauthorized",
-    413: "413 Content Too Large",
-    429: "429 Too Many Requests",
-    500: "500 Internal Server Error",
-    503: "503 Service Unavailable",
-}
 
 
-def request_id(environ: dict[str, Any]) -> str:
+def request_id(supplied: str | None) -> str:
     """The caller's ``X-Request-Id`` when it is a safe token, else a fresh one."""
-    supplied = str(environ.get("HTTP_X_REQUEST_ID", ""))
-    return supplied if REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
+    return supplied if supplied is not None and REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
+
+
+def anonymous_refusal(services: Services, error: StsError, source: str, now: float) -> StsError | None:
+    """The 429 that replaces an anonymous refusal once ``source`` spent its budget, else None.
+
+    Called only for refusals of requests that never authenticated; see ``sts.refusal_limit``.
+    """
+    limiter = services.refusals
+    if not source or limiter.admit(source, now):
+        return None
+    return RateLimited(
+        "too many refused requests from this address; wait before trying again",
+        retry_after=limiter.retry_after(source, now),
+        detail=f"suppressed: {error.error} {error.description}",
+    )
 
 
 class TokenEndpoint:
-    """WSGI middleware: answers ``POST /token`` itself, passes everything else to ``app``."""
+    """RFC 8693 §2.1 / RFC 6749 §3.2: answers ``POST /token`` from a complete request."""
 
-    def __init__(self, services: Services, app: WsgiApp) -> None:
+    def __init__(self, services: Services) -> None:
         self._services = services
-        self._app = app
-        self._limit = services.settings.server.max_body_bytes
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != "/token":
-            return self._app(environ, start_response)
-        rid = request_id(environ)
-        if environ.get("REQUEST_METHOD") != "POST":
+    def handle(self, request: HttpRequest) -> HttpResponse:
+        rid = request_id(request.headers.get("x-request-id"))
+        if request.method != "POST":
             body = {"error": "invalid_request", "error_description": "the token endpoint takes POST only"}
-            return self._respond(start_response, 405, body, rid, [("Allow", "POST")])
+            return self._respond(405, body, rid, [("Allow", "POST")])
+        if request.body_error is not None:
+            # Answered without raising it: a raised exception's traceback would link the stored error
+            # to the listener's frame and keep the request's body stream alive (granian then keeps the
+            # connection open after a "Connection: close" answer; measured).
+            return self._refusal(self._refused_early(request.body_error, rid, request.source), rid)
         exchange = self._services.exchange
-        extra: list[tuple[str, str]] = []
         try:
             try:
+                form = parse_form(request.body, request.headers.get("content-type", ""), request.query)
                 parsed = dataclasses.replace(
-                    ExchangeRequest.from_form(form_from_environ(environ, self._limit)),
-                    dpop_proof=environ.get("HTTP_DPOP"),
-                    client_certificates=client_certificate_chain(environ),
+                    ExchangeRequest.from_form(form),
+                    dpop_proof=request.headers.get("dpop"),
+                    client_certificates=request.client_certificates,
                 )
             except StsError as e:
-                exchange.record_refusal(e, request_id=rid)
-                raise
-            status, body = 200, exchange.exchange(parsed, request_id=rid).to_json()
-            extra.append(("Pragma", "no-cache"))
+                raise self._refused_early(e, rid, request.source) from None
+            services, source = self._services, request.source
+            issued = exchange.exchange(
+                parsed,
+                request_id=rid,
+                anonymous_refusal=lambda error, now: anonymous_refusal(services, error, source, now),
+            )
         except StsError as e:
-            level = logging.ERROR if e.status >= 500 else logging.INFO
-            detail = f" [{e.detail}]" if e.detail else ""
-            log.log(level, "refused POST /token: %s %s%s (request %s)", e.error, e.description, detail, rid)
-            status, body = e.status, e.to_json()
-            extra.extend(e.headers().items())
+            return self._refusal(e, rid)
         except Exception:  # a bug: logged with its traceback, answered generically (never the detail)
             log.exception("unexpected error serving POST /token (request %s)", rid)
-            status, body = 500, StsError().to_json()
-        return self._respond(start_response, status, body, rid, extra)
+            return self._respond(500, StsError().to_json(), rid, [])
+        return self._respond(200, issued.to_json(), rid, [("Pragma", "no-cache")])
+
+    def _refused_early(self, error: StsError, rid: str, source: str) -> StsError:
+        """A refusal before any credential was looked at (anonymous by definition): audited, or past
+        the source's budget replaced by 429 without an audit line of its own."""
+        limited = anonymous_refusal(self._services, error, source, time.time())
+        if limited is not None:
+            return limited
+        self._services.exchange.record_refusal(error, request_id=rid)
+        return error
+
+    def _refusal(self, error: StsError, rid: str) -> HttpResponse:
+        level = logging.ERROR if error.status >= 500 else logging.INFO
+        detail = f" [{error.detail}]" if error.detail else ""
+        log.log(
+            level, "refused POST /token: %s %s%s (request %s)", error.error, error.description, detail, rid
+        )
+        return self._respond(error.status, error.to_json(), rid, list(error.headers().items()))
 
     @staticmethod
-    def _respond(
-        start_response: Callable[..., Any], status: int, body: Any, rid: str, extra: list[tuple[str, str]]
-    ) -> Iterable[bytes]:
+    def _respond(status: int, body: object, rid: str, extra: list[tuple[str, str]]) -> HttpResponse:
         payload = json.dumps(body, separators=(",", ":")).encode()
         headers = [
             ("Content-Type", "application/json"),
@@ -95,5 +112,4 @@ class TokenEndpoint:
             ("X-Request-Id", rid),
             *extra,
         ]
-        start_response(_STATUS.get(status, f"{status} Error"), headers)
-        return [payload]
+        return HttpResponse(status, headers, payload)

@@ -1,0 +1,57 @@
+"""Logging in which a caller can never forge a record (issue 11: log injection).
+
+Caller-controlled text reaches log lines in many places (a parameter name, a URL path, a header, an
+exception message). Instead of escaping at each call site, every record of the process goes through
+one formatter that escapes the *whole formatted message*: line breaks, NUL and every other control
+character (C0, DEL, C1, and the Unicode line/paragraph separators) become ``\\xNN`` / ``\\uNNNN``,
+and backslashes are doubled, so one record is always exactly one line and the escaping cannot be
+undone by the input. A traceback (only ever from our own bugs) keeps its lines, each indented under
+its record, so no continuation line can look like the start of a record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` on one line, every control character visible and reversible."""
+    return _UNSAFE.sub(_escape_one, text)
+
+
+class SafeFormatter(logging.Formatter):
+    """A formatter whose every record is one line, whatever the message and its arguments contain."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: logging._SysExcInfoType) -> str:
+        text = super().formatException(ei)
+        return "\n".join("    | " + escape(line) for line in text.splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("    | " + escape(line) for line in stack_info.splitlines())
+
+
+def configure_logging(level: str | int) -> None:
+    """The process's one handler (stderr), with :class:`SafeFormatter`; replaces any earlier ones."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter(FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

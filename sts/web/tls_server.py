@@ -1,0 +1,393 @@
+"""The TLS listener (``listen.tls``): asyncio + h11, with a deadline on every read (issue 11).
+
+Why not an off-the-shelf server: granian does not hand the client certificate to the application,
+and gunicorn's gthread worker did the TLS handshake and read the request head in a worker thread
+without a timeout, so one byte (``\\x16``) stalled the listener. Here every connection is a
+coroutine: the handshake (``server.handshake_timeout``), the request head
+(``server.header_timeout``), the body (``server.body_timeout``, with ``server.max_body_bytes``
+enforced as chunks arrive) and each write have their own deadline, and a slow or idle connection
+holds no thread. HTTP/1.1 framing is h11's (sans-IO, the parser uvicorn and hypercorn use);
+requests are answered by the same :class:`~sts.web.app.StsHttp` as the plain listener.
+
+Each connection gets the TLS context that is current when it arrives (``ServerTls``): the
+server's own X.509-SVID and the X.509 authorities of every trust domain, so rotation needs no
+restart. Client certificates are optional at the TLS layer; the exchange then verifies the leaf as
+an X.509-SVID against its own trust domain. ``server.workers`` processes share one listening
+socket (pre-fork, bound without SO_REUSEPORT so a busy address is an error, not a shared port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+from types import FrameType
+from urllib.parse import unquote
+
+import h11
+from cryptography import x509
+
+from sts.config import Settings, load_settings
+from sts.errors import InvalidRequest, RequestTimeout, RequestTooLarge, StsError, TemporarilyUnavailable
+from sts.logsafe import configure_logging
+from sts.web.app import StsHttp
+from sts.web.http import HttpRequest, HttpResponse, declared_length, joined_headers, status_line
+from sts.web.tls import ServerTls
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 16 * 1024  # request line + header fields; more is 431 (RFC 6585 §5)
+MAX_HEADER_FIELDS = 100  # as hyper (the plain listener) allows
+KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this
+READ_CHUNK = 64 * 1024
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class _Closed(Exception):
+    """The client closed the connection (or broke the protocol past answering)."""
+
+
+class TlsServer:
+    """One worker's listener: serves ``sock`` until :meth:`stop`, then drains in-flight requests."""
+
+    def __init__(self, http: StsHttp, tls: ServerTls, settings: Settings) -> None:
+        self._http = http
+        self._tls = tls
+        server = settings.server
+        self._limit = server.max_body_bytes
+        self._header_timeout = float(server.header_timeout)
+        self._body_timeout = float(server.body_timeout)
+        self._handshake_timeout = float(server.handshake_timeout)
+        self._max_connections = server.max_connections
+        self._server_address = (settings.listen.host, settings.listen.port)
+        self._connections: set[asyncio.Task[None]] = set()
+        self._busy = 0
+        self._stopping = False
+
+    async def serve(self, sock: socket.socket, stop: asyncio.Event, drain_seconds: float) -> None:
+        server = await asyncio.start_server(self._accept, sock=sock, limit=READ_CHUNK)
+        try:
+            await stop.wait()
+        finally:
+            self._stopping = True
+            server.close()
+            deadline = time.monotonic() + drain_seconds
+            while self._busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self._connections) >= self._max_connections or self._stopping:
+            writer.transport.abort()
+            return
+        self._connections.add(task)
+        try:
+            await self._connection(reader, writer)
+        except (_Closed, ConnectionError, OSError, ssl.SSLError, TimeoutError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            context = self._tls.context()
+        except TemporarilyUnavailable as e:
+            log.warning("TLS connection refused: %s", e.description)
+            return
+        await writer.start_tls(context, ssl_handshake_timeout=self._handshake_timeout)
+        chain = _peer_chain(writer)
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        first = True
+        while not self._stopping or first:
+            head_deadline = self._header_timeout if first else KEEPALIVE_SECONDS
+            first = False
+            try:
+                async with asyncio.timeout(head_deadline):
+                    event = await _next_event(connection, reader)
+            except TimeoutError:
+                if connection.their_state is h11.SEND_BODY or _has_partial_head(connection):
+                    await self._raw_answer(writer, 408, "the request head did not arrive in time")
+                return
+            except h11.RemoteProtocolError as e:
+                await self._raw_answer(writer, e.error_status_hint, f"malformed request: {e}")
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed
+            refusal = _refuse_head(event)
+            if refusal is not None:
+                await self._raw_answer(writer, *refusal)
+                return
+            self._busy += 1
+            try:
+                keep = await self._exchange(connection, reader, writer, event, peer=(chain, source))
+            finally:
+                self._busy -= 1
+            if not keep:
+                return
+            try:
+                connection.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _exchange(
+        self,
+        connection: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        event: h11.Request,
+        *,
+        peer: tuple[tuple[x509.Certificate, ...], str],
+    ) -> bool:
+        """Read the body, answer, write; False when the connection must close afterwards."""
+        chain, source = peer
+        headers = joined_headers((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
+        body, error = await self._body(connection, reader, headers)
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        request = HttpRequest(
+            method=event.method.decode("ascii", "replace"),
+            path=unquote(path, errors="surrogateescape"),
+            query=query,
+            headers=headers,
+            body=body,
+            source=source,
+            scheme="https",
+            server=self._server_address,
+            client_certificates=chain,
+            body_error=error,
+        )
+        answer = self._http.handle(request)
+        closes = answer.closes or error is not None or self._stopping
+        await self._send(connection, writer, answer, closes)
+        return not closes and connection.our_state is h11.DONE and connection.their_state is h11.DONE
+
+    async def _body(
+        self, connection: h11.Connection, reader: asyncio.StreamReader, headers: dict[str, str]
+    ) -> tuple[bytes, StsError | None]:
+        try:
+            declared = declared_length(headers)
+        except InvalidRequest as e:
+            return b"", e
+        if declared is not None and declared > self._limit:
+            return b"", RequestTooLarge(f"request body is larger than {self._limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                while True:
+                    event = await _next_event(connection, reader)
+                    if isinstance(event, h11.Data):
+                        size += len(event.data)
+                        if size > self._limit:
+                            return b"", RequestTooLarge(f"request body is larger than {self._limit} bytes")
+                        chunks.append(bytes(event.data))
+                    elif isinstance(event, h11.EndOfMessage):
+                        return b"".join(chunks), None
+                    else:
+                        raise _Closed
+        except TimeoutError:
+            return b"", RequestTimeout(f"the request body did not arrive within {int(self._body_timeout)} s")
+        except h11.RemoteProtocolError as e:
+            return b"", InvalidRequest(f"malformed request body: {e}")
+
+    async def _send(
+        self, connection: h11.Connection, writer: asyncio.StreamWriter, answer: HttpResponse, closes: bool
+    ) -> None:
+        headers = [
+            (name, value)
+            for name, value in answer.headers
+            if name.lower() not in ("connection", "content-length", "transfer-encoding")
+        ]
+        headers.append(("Content-Length", str(len(answer.body))))
+        if closes:
+            headers.append(("Connection", "close"))
+        data = connection.send(h11.Response(status_code=answer.status, headers=headers))
+        data = (data or b"") + (connection.send(h11.Data(data=answer.body)) or b"")
+        data += connection.send(h11.EndOfMessage()) or b""
+        writer.write(data)
+        async with asyncio.timeout(self._body_timeout):
+            await writer.drain()
+
+    async def _raw_answer(self, writer: asyncio.StreamWriter, status: int, description: str) -> None:
+        """An answer outside h11's state machine (the request could not be parsed); then close."""
+        status = status if 400 <= status < 500 else 400
+        body = _json_error(description)
+        head = (
+            f"HTTP/1.1 {status_line(status)}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode("latin-1") + body)
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(1.0):
+                await writer.drain()
+
+
+async def _next_event(connection: h11.Connection, reader: asyncio.StreamReader) -> object:
+    while True:
+        event = connection.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        connection.receive_data(await reader.read(READ_CHUNK))
+
+
+def _refuse_head(event: h11.Request) -> tuple[int, str] | None:
+    """What h11 lets through that we do not: other HTTP versions, oversized or repeated fields.
+
+    h11 bounds a head only while it is incomplete, so a large head that arrives in one read would
+    pass; the size and count are checked here on the parsed head as well (RFC 6585 §5: 431).
+    """
+    if event.http_version not in (b"1.1", b"1.0"):
+        return 400, "only HTTP/1.1 is served here"
+    size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+    if len(event.headers) > MAX_HEADER_FIELDS or size > MAX_HEAD_BYTES:
+        return 431, "the request head is too large"
+    try:
+        joined_headers((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
+    except InvalidRequest as e:
+        return 400, e.description
+    return None
+
+
+def _has_partial_head(connection: h11.Connection) -> bool:
+    return bool(connection.trailing_data[0])
+
+
+def _json_error(description: str) -> bytes:
+    return json.dumps({"error": "invalid_request", "error_description": description[:200]}).encode()
+
+
+def _peer_chain(writer: asyncio.StreamWriter) -> tuple[x509.Certificate, ...]:
+    """The client certificate OpenSSL verified (leaf only: Python 3.11 exposes no more)."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return ()
+    der = ssl_object.getpeercert(binary_form=True)
+    return (x509.load_der_x509_certificate(der),) if der else ()
+
+
+# ---- processes -----------------------------------------------------------------------------------
+
+
+def bind(settings: Settings) -> socket.socket:
+    """The listening socket, without SO_REUSEPORT: an address in use is an error (OSError)."""
+    family = socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET
+    return socket.create_server(
+        (settings.listen.host, settings.listen.port),
+        family=family,
+        backlog=min(max(1024, settings.server.max_connections), 65535),
+        reuse_port=False,
+    )
+
+
+def _worker(config_path: Path, sock: socket.socket, drain_seconds: float) -> int:
+    """One worker process: its own services (store connections, Workload API streams), one loop.
+
+    The loop is asyncio's own: uvloop's ``start_tls`` on a server stream resets the connection
+    (measured with uvloop 0.23), and this listener is not the hot path.
+    """
+    from sts.runtime import build_services
+
+    settings = load_settings(config_path)
+    configure_logging(settings.log_level)
+    services = build_services(settings)
+    assert settings.listen.tls is not None  # noqa: S101 (serve_tls is only called with listen.tls)
+    tls = ServerTls(settings.listen.tls, services.trust, services.watcher)
+    server = TlsServer(StsHttp(services), tls, settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await server.serve(sock, stop, drain_seconds)
+
+    try:
+        asyncio.run(main())
+    finally:
+        services.close()
+    return EXIT_OK
+
+
+class _Supervisor:
+    """The parent of the TLS workers: forks them, respawns one that dies, stops them all on a signal."""
+
+    def __init__(self, config_path: Path, settings: Settings, drain_seconds: float) -> None:
+        self._config_path = config_path
+        self._drain_seconds = drain_seconds
+        self._workers = settings.server.workers
+        self._sock = bind(settings)
+        self._children: dict[int, float] = {}  # pid → when it was started
+        self._stopping = False
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        for _ in range(self._workers):
+            self._spawn()
+        quick_deaths = 0
+        deadline: float | None = None
+        while self._children:
+            if self._stopping and deadline is None:
+                deadline = time.monotonic() + self._drain_seconds + 2
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                if deadline is not None and time.monotonic() > deadline:
+                    self._signal_all(signal.SIGKILL)
+                time.sleep(0.05)
+                continue
+            born = self._children.pop(pid, None)
+            if self._stopping or born is None:
+                continue
+            quick_deaths = quick_deaths + 1 if time.monotonic() - born < 5 else 0
+            if quick_deaths >= 3:
+                log.error("TLS workers keep failing at start; stopping (see the errors above)")
+                self._stop(signal.SIGTERM, None)
+                continue
+            log.error("TLS worker %d exited; starting another", pid)
+            self._spawn()
+        self._sock.close()
+        return EXIT_OK if self._stopping else EXIT_FAILED
+
+    def _spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = EXIT_FAILED
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = _worker(self._config_path, self._sock, self._drain_seconds)
+            except Exception:
+                log.exception("TLS worker %d failed", os.getpid())
+            finally:
+                os._exit(code)
+        self._children[pid] = time.monotonic()
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+def serve_tls(config_path: Path, settings: Settings, *, drain_seconds: float = 10.0) -> int:
+    """``sts serve`` with ``listen.tls``: ``server.workers`` pre-forked workers on one socket."""
+    return _Supervisor(config_path, settings, drain_seconds).run()
