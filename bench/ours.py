@@ -127,7 +127,9 @@ def write_config(
         "  example.org: {bundle_file: example.org.json}\n"
         "keys: {dir: keys}\n"
         f"store: {{url: '{store or f'sqlite:///{directory}/{state}.db'}'}}\n"
-        "limits: {per_workload_per_second: 1000000000, tokens_per_task: 200}\n"
+        # The load's refused 10 % are anonymous and from one address: lift their budget too.
+        "limits: {per_workload_per_second: 1000000000, tokens_per_task: 200,"
+        " anonymous_refusals_per_minute: 1000000000}\n"
         f"{CATALOG}"
         "policy: {dir: policies}\n"
         f"audit: {{path: {state}-audit.jsonl}}\n"

@@ -98,7 +98,8 @@ class _WsgiFront:
         if environ.get("PATH_INFO") != "/token":
             return self._app(environ, start_response)
         answer = self._token.handle(request_from_environ(environ, self._limit))
-        start_response(status_line(answer.status), answer.headers)
+        framing = ("Content-Length", str(len(answer.body)))
+        start_response(status_line(answer.status), [*answer.headers, framing])
         return [answer.body]
 
 
@@ -132,7 +133,6 @@ def _json_response(status: int, body: object, extra: list[tuple[str, str]]) -> H
     payload = json.dumps(body, separators=(",", ":")).encode()
     headers = [
         ("Content-Type", "application/json"),
-        ("Content-Length", str(len(payload))),
         ("Cache-Control", "no-store"),
         ("X-Content-Type-Options", "nosniff"),
         *extra,

@@ -71,6 +71,8 @@ class HttpRequest:
 
 @dataclass(slots=True)
 class HttpResponse:
+    """An answer; its framing (``Content-Length``, ``Connection``) is the listener's to write."""
+
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
@@ -234,7 +236,7 @@ def call_wsgi(app: WsgiApp, environ: dict[str, Any]) -> HttpResponse:
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
         answer.status = int(status.split(" ", 1)[0])
-        answer.headers = list(headers)
+        answer.headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
 
     chunks = app(environ, start_response)
     try:

@@ -64,8 +64,11 @@ class RsgiApp:
         if scope.proto != "http":
             protocol.close(1008)  # websockets: nothing here speaks them
             return
+        fields = scope.headers.items()  # names are lower-case (hyper)
+        headers = dict(fields)
         try:
-            headers = joined_headers(scope.headers.items())
+            if len(headers) != len(fields):  # a repeated field: join, or refuse (RFC 9112 §3.2)
+                headers = joined_headers(fields)
         except InvalidRequest as e:
             self._refuse_head(protocol, e)
             return
@@ -85,9 +88,7 @@ class RsgiApp:
             body_error=error,
         )
         answer = self._http.handle(request)
-        # granian writes Content-Length itself; a second one would make the answer ambiguous.
-        out = [(name, value) for name, value in answer.headers if name.lower() != "content-length"]
-        protocol.response_bytes(answer.status, out, answer.body)
+        protocol.response_bytes(answer.status, answer.headers, answer.body)  # granian frames it
 
     @staticmethod
     def _refuse_head(protocol: HTTPProtocol, error: InvalidRequest) -> None:
@@ -114,17 +115,19 @@ class RsgiApp:
             return b"", None  # RFC 9112 §6.3: no body
         if declared is None:
             return await self._chunked(protocol)
-        task = self._deadlines.arm(self._body_timeout)
+        # granian's stub says coroutine; it is a future (``PyFutureAwaitable``) with ``cancel()``.
+        pending: Any = protocol()
+        self._deadlines.arm(pending, self._body_timeout)
         try:
-            return await protocol(), None
+            return await pending, None
         except asyncio.CancelledError:
-            if self._deadlines.disarm(task):
+            if self._deadlines.disarm(pending):
                 return b"", self._late()
             raise
         except (ProtocolClosed, ProtocolError):
             return None
         finally:
-            self._deadlines.disarm(task)
+            self._deadlines.disarm(pending)
 
     async def _chunked(self, protocol: HTTPProtocol) -> tuple[bytes, StsError | None] | None:
         """A chunked body (RFC 9112 §7.1), counted as it arrives: 413 the moment it passes the limit.

@@ -106,7 +106,6 @@ class TokenEndpoint:
         payload = json.dumps(body, separators=(",", ":")).encode()
         headers = [
             ("Content-Type", "application/json"),
-            ("Content-Length", str(len(payload))),
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
             ("X-Request-Id", rid),
