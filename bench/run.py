@@ -3,7 +3,7 @@
     python -m bench            full: N = 1, 16, 64, medians of 3 runs of 10 s each (about 3 minutes)
     python -m bench --quick    about a minute: N = 16 and 64, 3 runs of 5 s, no peer
     python -m bench --peer     full, then authgent-server with the same load shape (ratios ours/theirs)
-    python -m bench --servers  also granian vs gunicorn sync/gthread with the same app and load
+    python -m bench --servers  also sts serve vs gunicorn sync/gthread with the same app and load
     python -m bench --profile  also cProfile of whole in-process requests, self time by library
     python -m bench --pyspy    also py-spy (GIL samples) on the live workers during one more N=64 run
 
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="about a minute: N = 16 and 64, no peer")
     parser.add_argument("--peer", action="store_true", help="also authgent-server, same load shape")
     parser.add_argument("--peer-workers", type=int, default=1, help="authgent processes (1: its own `run`)")
-    parser.add_argument("--servers", action="store_true", help="also granian vs gunicorn (same app)")
+    parser.add_argument("--servers", action="store_true", help="also sts serve vs gunicorn (same app)")
     parser.add_argument("--profile", action="store_true", help="also cProfile of in-process requests")
     parser.add_argument("--pyspy", action="store_true", help="also py-spy on the live workers at N=64")
     parser.add_argument("--seconds", type=float, help="seconds per load run (default 10, quick 5)")
@@ -234,7 +234,7 @@ def _run(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *args.argv]),
         "server": {
-            "how": "sts serve --config FILE (granian RSGI on uvloop), as operators start it",
+            "how": "sts serve --config FILE (uvicorn, httptools, uvloop), as operators start it",
             **settings_server,
             "store": "sqlite (WAL), embedded",
             "audit": "file (JSON lines, hash-chained)",
@@ -286,7 +286,7 @@ def _run(
         results["pyspy"] = spied
 
     if args.servers:
-        _log("WSGI servers with the same app and load")
+        _log("servers with the same app and load")
         directory = scratch / "servers"
         directory.mkdir()
         results["servers"] = servers.compare(
@@ -427,7 +427,7 @@ def _table(r: dict[str, Any]) -> str:
     add(f"code:   commit {code['commit']}{dirty}; command: {r['command']}")
     s = r["server"]
     add(
-        f"server: sts serve (granian RSGI, uvloop) {s['workers']} workers, "
+        f"server: sts serve (uvicorn, uvloop) {s['workers']} workers, "
         "SQLite store, audit file"
     )
     add(f"load:   {r['generator']}")
@@ -491,7 +491,7 @@ def _table(r: dict[str, Any]) -> str:
             add("  " + ", ".join(f"{k} {v:.0%}" for k, v in spy["share_by_stage"].items()))
     if "servers" in r:
         add("")
-        add("WSGI servers, same app and load (exchanges/s, p99 ms, server us/request):")
+        add("servers, same app and load (exchanges/s, p99 ms, server us/request):")
         for name, by_n in r["servers"].items():
             if "error" in by_n:
                 add(f"  {name:<38} NOT MEASURED: {by_n['error']}")

@@ -1,10 +1,11 @@
-"""Which WSGI server, by measurement: the same Flask app under granian (as ``sts serve`` runs it, and
-with other thread counts) and under gunicorn sync / gthread, same config, same port, same load.
+"""Which server, by measurement: ``sts serve`` as shipped (uvicorn, one event loop per worker; also
+with the ``memory://`` store) and the same app as WSGI under gunicorn sync / gthread, same config,
+same port, same load.
 
 gunicorn is run from this interpreter when importable, else installed into a throwaway directory under
 the bench's temp dir (``pip install --target``) and put on ``PYTHONPATH``: nothing is added to the
 project's environment. It serves ``sts.web.app:create_app_from_env()`` with ``STS_CONFIG`` set, which is
-the factory granian's workers call too.
+the same application ``sts serve`` runs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from tests.authority import TestAuthority
 @dataclass(frozen=True, slots=True)
 class Variant:
     name: str
-    kind: str  # "granian" or "gunicorn"
-    server: str = ""  # granian: the config's server: section
+    kind: str  # "granian": sts serve as shipped (the name is historical); "gunicorn": WSGI, same app
+    server: str = ""  # sts serve: the config's server: section
     gunicorn_args: tuple[str, ...] = ()
     store: str | None = None  # None: the embedded SQLite file
 
@@ -33,10 +34,9 @@ class Variant:
 def variants(cores: int) -> list[Variant]:
     threads = 2 * cores
     return [
-        Variant(f"granian {cores}w x {threads}t (sts serve default)", "granian"),
-        Variant(f"granian {cores}w x 1t", "granian", server=f"{{workers: {cores}, threads: 1}}"),
+        Variant(f"sts serve: uvicorn {cores}w (default)", "granian"),
         # Not a deployable setting (rate limits per process): what the SQLite round trips cost end to end.
-        Variant(f"granian {cores}w x {threads}t, memory:// store", "granian", store="memory://"),
+        Variant(f"sts serve: uvicorn {cores}w, memory:// store", "granian", store="memory://"),
         Variant(f"gunicorn sync {cores}w", "gunicorn", gunicorn_args=("-k", "sync", "-w", str(cores))),
         Variant(
             f"gunicorn gthread {cores}w x {threads}t",

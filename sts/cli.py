@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from sts.config import CONFIG_ENV, Settings, load_settings
 from sts.errors import ConfigError, StsError
@@ -122,15 +121,15 @@ def _serve(args: argparse.Namespace) -> int:
         settings.listen.port,
         settings.server.workers,
     )
-    _granian(settings).serve()
+    _uvicorn(settings)
     return EXIT_OK
 
 
 def _check_address_free(settings: Settings) -> None:
     """Refuse to start on an address someone else listens on.
 
-    granian binds with SO_REUSEPORT, so without this probe a second server on the same port starts
-    "normally" and the kernel splits connections between two different servers.
+    A server bound with SO_REUSEPORT (granian did) would otherwise start "normally" next to another
+    one and the kernel would split connections between two different servers.
     """
     import socket
 
@@ -144,49 +143,34 @@ def _check_address_free(settings: Settings) -> None:
         ) from e
 
 
-def _granian(settings: Settings) -> Any:
-    """granian's RSGI interface on uvloop, HTTP/1.1 only, with the deadlines of ``server:``.
+def _uvicorn(settings: Settings) -> None:
+    """uvicorn (httptools on uvloop), one event loop per worker, with the deadlines of ``server:``.
 
-    HTTP/1.1 only: no OAuth client needs HTTP/2 here, and its stream multiplexing would be one more
-    way to hold a worker open. ``backpressure`` bounds the requests a worker holds at once (slow
-    ones included); past it new ones wait in the listen backlog, they are not refused.
+    ``limit_concurrency`` bounds the connections a worker holds (slow ones included): past it
+    uvicorn answers 503 at once instead of queueing. HTTP/1.1 only; no websockets.
     """
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces, Loops, TaskImpl
-    from granian.http import HTTP1Settings
+    import uvicorn
 
-    from sts.logsafe import FORMAT
-    from sts.web.tls_server import MAX_HEAD_BYTES
+    from sts.web.asgi import DeadlineHttpToolsProtocol
 
     server = settings.server
-    formatter = {"()": "sts.logsafe.SafeFormatter", "fmt": FORMAT}
-    handler = {"formatter": "safe", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
-    return Granian(
-        target="sts.web.rsgi:create_rsgi_app_from_env",
+    uvicorn.run(
+        "sts.web.asgi:create_asgi_app_from_env",
         factory=True,
-        interface=Interfaces.RSGI,
-        address=settings.listen.host,
+        host=settings.listen.host,
         port=settings.listen.port,
         workers=server.workers,
-        loop=Loops.uvloop,
-        task_impl=TaskImpl.rust,  # measured (bench/): as fast as WSGI was; asyncio tasks cost ~5 % more
-        http=HTTPModes.http1,
-        websockets=False,
-        backlog=max(1024, server.max_connections),
-        backpressure=server.max_connections,
-        # max_buffer_size bounds a request head (hyper answers 431 past it); bodies stream through.
-        http1_settings=HTTP1Settings(
-            header_read_timeout=server.header_timeout * 1000, max_buffer_size=MAX_HEAD_BYTES
-        ),
-        log_access=False,
-        log_dictconfig={
-            "formatters": {"safe": formatter},
-            "handlers": {"console": handler},
-            "loggers": {
-                "_granian": {"handlers": ["console"], "level": settings.log_level, "propagate": False}
-            },
-        },
-        respawn_failed_workers=True,
+        loop="uvloop",
+        http=DeadlineHttpToolsProtocol,
+        ws="none",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        limit_concurrency=server.max_connections,
+        backlog=min(max(1024, server.max_connections), 65535),
+        timeout_keep_alive=server.header_timeout,
+        timeout_graceful_shutdown=10,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
@@ -46,12 +47,30 @@ class SafeFormatter(logging.Formatter):
         return "\n".join("    | " + escape(line) for line in stack_info.splitlines())
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def configure_logging(level: str | int) -> None:
-    """The process's one handler (stderr), with :class:`SafeFormatter`; replaces any earlier ones."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(SafeFormatter(FORMAT))
+    """Our handler (stderr, :class:`SafeFormatter`) on the root logger, once; the level as given.
+
+    Handlers someone else installed (an embedding application, a test runner) are left alone.
+    """
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(SafeFormatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)

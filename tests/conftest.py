@@ -188,7 +188,7 @@ def running_server(
 def server(
     tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
 ) -> Iterator[RunningServer]:
-    """The production server (``sts serve`` under granian) with its embedded SQLite store."""
+    """The production server (``sts serve``: uvicorn) with its embedded SQLite store."""
     directory = tmp_path_factory.mktemp("server")
     port = free_port()
     with running_server(write_config(directory, port, example_org, partner_test), port) as running:

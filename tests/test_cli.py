@@ -114,7 +114,7 @@ def test_keys_create_and_audit_verify(
 
 
 def test_serve_refuses_an_address_in_use(server: RunningServer) -> None:
-    """granian binds with SO_REUSEPORT: without the probe a second server would share the port."""
+    """A server bound with SO_REUSEPORT would share the port: the probe refuses instead."""
     result = subprocess.run(
         [sys.executable, "-m", "sts.cli", "serve", "--config", str(server.directory / "sts.yaml")],
         capture_output=True,

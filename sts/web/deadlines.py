@@ -1,12 +1,11 @@
 """Read deadlines for many connections at the cost of one timer (issue 11: slow clients).
 
-A per-request ``asyncio.timeout`` or ``wait_for`` costs a timer handle (and a task) per request
-(measured: ~8 µs of a ~25 µs RSGI request), and needs an asyncio Task, which granian's faster Rust
-task implementation does not create. Here a request only registers the future it awaits (granian's
-body future) with an absolute deadline: a dict insert. One sweeper task per event loop wakes every
-``interval`` seconds and cancels the futures whose deadline has passed, so the awaiting coroutine
-gets ``CancelledError`` and answers 408. A deadline is met to within ``interval`` (0.25 s), which is
-all a read deadline of several seconds needs.
+A per-request ``asyncio.timeout`` or ``wait_for`` costs a timer handle (and for ``wait_for`` a task)
+per request (measured: ~8 µs of a ~25 µs request). Here a request only registers its task (or the
+future it awaits) with an absolute deadline: a dict insert. One sweeper task per event loop wakes
+every ``interval`` seconds and cancels what is past its deadline, so the awaiting coroutine gets
+``CancelledError`` and answers 408. A deadline is met to within ``interval`` (0.25 s), which is all
+a read deadline of several seconds needs.
 """
 
 from __future__ import annotations
@@ -38,10 +37,16 @@ class Deadlines:
         self._due[future] = time.monotonic() + seconds
 
     def disarm(self, future: Cancellable) -> bool:
-        """Stop watching ``future``; True when its deadline had passed (the cancellation was ours)."""
+        """Stop watching ``future``; True when its deadline had passed (the cancellation was ours).
+
+        For a task, our cancellation is then withdrawn (``Task.uncancel``), so it goes on to answer
+        408 as if it had not been cancelled.
+        """
         self._due.pop(future, None)
         if future in self._expired:
             self._expired.discard(future)
+            if isinstance(future, asyncio.Task):
+                future.uncancel()
             return True
         return False
 

@@ -57,7 +57,7 @@ class TokenEndpoint:
             return self._respond(405, body, rid, [("Allow", "POST")])
         if request.body_error is not None:
             # Answered without raising it: a raised exception's traceback would link the stored error
-            # to the listener's frame and keep the request's body stream alive (granian then keeps the
+            # to the listener's frame and keep the request's body stream alive (granian RSGI kept the
             # connection open after a "Connection: close" answer; measured).
             return self._refusal(self._refused_early(request.body_error, rid, request.source), rid)
         exchange = self._services.exchange
