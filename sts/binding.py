@@ -31,14 +31,20 @@ from sts.errors import StsError
 from sts.strict_json import b64url_decode, loads_object, numeric_date, split_uri
 
 DPOP_TYPE = "dpop+jwt"
-DPOP_ALGORITHMS = ("ES256", "EdDSA")
+# RFC 9864 §2.2: "Ed25519" is the fully-specified name of EdDSA over Ed25519 (panva's libraries
+# write it); "EdDSA" is the polymorphic name older clients send. Both are accepted and advertised.
+DPOP_ALGORITHMS = ("ES256", "EdDSA", "Ed25519")
 DEFAULT_WINDOW_SECONDS = 60
 MAX_PROOF_CHARS = 4096
 MAX_JTI_CHARS = 256
 MAX_HTU_CHARS = 2048
 _PUBLIC_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
-_VERIFIERS: Mapping[str, Algorithm] = {"ES256": ECAlgorithm(ECAlgorithm.SHA256), "EdDSA": OKPAlgorithm()}
+_VERIFIERS: Mapping[str, Algorithm] = {
+    "ES256": ECAlgorithm(ECAlgorithm.SHA256),
+    "EdDSA": OKPAlgorithm(),
+    "Ed25519": OKPAlgorithm(),
+}
 
 
 class InvalidDpopProof(StsError):
@@ -195,11 +201,11 @@ def _checked_htu(htu: str) -> str | None:
 
 def _public_key(jwk: dict[str, Any], alg: str) -> tuple[Any, str]:
     """The key a proof's ``jwk`` names, refusing anything but P-256 for ES256 and Ed25519 for EdDSA."""
-    expected = {"ES256": ("EC", "P-256"), "EdDSA": ("OKP", "Ed25519")}[alg]
+    expected = {"ES256": ("EC", "P-256"), "EdDSA": ("OKP", "Ed25519"), "Ed25519": ("OKP", "Ed25519")}[alg]
     if (jwk.get("kty"), jwk.get("crv")) != expected:
         raise InvalidDpopProof("the DPoP proof's jwk does not fit its alg")
     try:
-        key = jwt.PyJWK(jwk, algorithm=alg).key
+        key = jwt.PyJWK(jwk, algorithm="EdDSA" if alg == "Ed25519" else alg).key
         return key, jwk_thumbprint(jwk)
     except (jwt.PyJWTError, KeyError, ValueError) as e:
         raise InvalidDpopProof("the DPoP proof's jwk is not a valid public key") from e
@@ -208,20 +214,22 @@ def _public_key(jwk: dict[str, Any], alg: str) -> tuple[Any, str]:
 class DpopKey:
     """A client's DPoP key pair (ES256 by default): proofs for the token endpoint and resource servers."""
 
-    def __init__(self, private_key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> None:
+    def __init__(
+        self, private_key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, *, alg: str | None = None
+    ) -> None:
         self._private_key = private_key
         if isinstance(private_key, ec.EllipticCurvePrivateKey):
             self.alg = "ES256"
             self.public_jwk: dict[str, Any] = ECAlgorithm.to_jwk(private_key.public_key(), as_dict=True)
         else:
-            self.alg = "EdDSA"
+            self.alg = alg if alg in ("EdDSA", "Ed25519") else "EdDSA"  # RFC 9864 name on request
             self.public_jwk = OKPAlgorithm.to_jwk(private_key.public_key(), as_dict=True)
         self.jkt = jwk_thumbprint(self.public_jwk)
 
     @classmethod
     def generate(cls, alg: str = "ES256") -> DpopKey:
-        if alg == "EdDSA":
-            return cls(ed25519.Ed25519PrivateKey.generate())
+        if alg in ("EdDSA", "Ed25519"):
+            return cls(ed25519.Ed25519PrivateKey.generate(), alg=alg)
         return cls(ec.generate_private_key(ec.SECP256R1()))
 
     def proof(
@@ -237,4 +245,11 @@ class DpopKey:
         if access_token is not None:
             claims["ath"] = access_token_hash(access_token)
         headers = {"typ": DPOP_TYPE, "jwk": self.public_jwk}
+        if self.alg == "Ed25519" and isinstance(self._private_key, ed25519.Ed25519PrivateKey):
+            # PyJWT knows only the polymorphic "EdDSA"; the JWS is the same but for its alg (RFC 9864).
+            def part(value: Mapping[str, Any]) -> str:
+                return b64url(json.dumps(value, separators=(",", ":")).encode())
+
+            signing_input = f"{part({'alg': 'Ed25519', **headers})}.{part(claims)}"
+            return f"{signing_input}.{b64url(self._private_key.sign(signing_input.encode('ascii')))}"
         return jwt.encode(claims, self._private_key, algorithm=self.alg, headers=headers)

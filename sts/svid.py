@@ -39,12 +39,15 @@ from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.strict_json import JsonError, b64url_decode, loads_object, numeric_date
 from sts.trust import JwtAuthority, TrustStore
 
+_HEADER_MEMBERS = frozenset({"alg", "kid", "typ"})
+
 RULES: tuple[str, ...] = (
     "size",
     "malformed",
     "alg",
     "typ",
     "crit",
+    "header",
     "kid",
     "sub",
     "trust_domain",
@@ -209,6 +212,11 @@ class JwtSvidVerifier:
         # RFC 7515 §4.1.11: we understand no extension, so a critical one must be refused.
         if "crit" in header:
             raise InvalidToken("crit", "token carries critical header extensions, which are not supported")
+        # JWT-SVID.md §2: the header holds alg, kid and typ only. A key or key location in the token
+        # (jwk, jku, x5c, x5u) is never used, and its presence marks a token no SPIRE minted.
+        extra = set(header) - _HEADER_MEMBERS
+        if extra:
+            raise InvalidToken("header", f"token header members {', '.join(sorted(extra))} are not allowed")
         # JWT-SVID.md §2.2 makes kid optional, but it is the only way to pick the key from the bundle.
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:

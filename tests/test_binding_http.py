@@ -38,7 +38,7 @@ def claims_of(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("alg", ["ES256", "EdDSA"])
+@pytest.mark.parametrize("alg", ["ES256", "EdDSA", "Ed25519"])  # Ed25519: RFC 9864 (issue 12 #4)
 def test_dpop_bound_token(server: RunningServer, example_org: TestAuthority, alg: str) -> None:
     key = DpopKey.generate(alg)
     proof = key.proof("POST", f"{server.issuer}/token")

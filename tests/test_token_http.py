@@ -179,6 +179,13 @@ def refusals(example: TestAuthority, issuer: str) -> list[tuple[str, Any, int, s
     public_pem = example.public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     return [
         ("unsupported-grant", {"grant_type": "client_credentials"}, 400, "unsupported_grant_type", ""),
+        (  # JWT-SVID.md §2 (issue 12 #8): correctly signed, but a key location in the header
+            "signed-svid-with-jku",
+            form(example.mint(AGENT, issuer, header={"jku": "https://evil.test/jwks"})),
+            400,
+            "invalid_request",
+            "jku",
+        ),
         ("missing-grant", {"subject_token": good}, 400, "invalid_request", "grant_type"),
         (
             "missing-subject-token",

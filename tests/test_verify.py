@@ -337,8 +337,9 @@ def test_warm_path_does_no_io(sts_dev: Dev, agent: TokenClient) -> None:
 URL = "https://tool.test/search"
 
 
-def test_dpop_bound_token_with_a_valid_proof(sts_dev: Dev, agent: TokenClient) -> None:
-    key = DpopKey.generate()
+@pytest.mark.parametrize("alg", ["ES256", "EdDSA", "Ed25519"])  # Ed25519: RFC 9864 (issue 12 #4)
+def test_dpop_bound_token_with_a_valid_proof(sts_dev: Dev, agent: TokenClient, alg: str) -> None:
+    key = DpopKey.generate(alg)
     token = agent.token(audience=TOOL, scope="invoke", dpop=key)
     verifier = sts_dev.verifier(TOOL, "tool")
     headers = token.headers("GET", URL + "?q=1")
@@ -383,7 +384,7 @@ def test_dpop_refusals(sts_dev: Dev, agent: TokenClient) -> None:
     as_bearer = dpop_refusal(verifier, token, None, scheme="Bearer")
     assert as_bearer.rule == "scheme"
     challenge = as_bearer.headers()["WWW-Authenticate"]
-    assert challenge.startswith('DPoP error="invalid_token"') and 'algs="ES256 EdDSA"' in challenge
+    assert challenge.startswith('DPoP error="invalid_token"') and 'algs="ES256 EdDSA Ed25519"' in challenge
 
 
 def test_unbound_token_sent_with_the_dpop_scheme_is_refused(sts_dev: Dev, agent: TokenClient) -> None:
@@ -419,7 +420,7 @@ def tool_service(sts_dev: Dev) -> Iterator[str]:
 def test_flask_challenges(sts_dev: Dev, agent: TokenClient, tool_service: str) -> None:
     none = requests.get(tool_service, timeout=5)
     assert none.status_code == 401
-    assert none.headers["WWW-Authenticate"] == 'Bearer, DPoP algs="ES256 EdDSA"'  # both schemes, no error
+    assert none.headers["WWW-Authenticate"] == 'Bearer, DPoP algs="ES256 EdDSA Ed25519"'  # both schemes, no error
 
     bad = requests.get(tool_service, headers={"Authorization": "Bearer x.y.z"}, timeout=5)
     assert bad.status_code == 401 and bad.json()["error"] == "invalid_token"
