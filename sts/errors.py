@@ -90,11 +90,24 @@ class RequestTimeout(InvalidRequest):
 
 
 class InvalidClient(StsError):
+    """RFC 6749 §5.2: client authentication failed or is not supported.
+
+    A challenge (``WWW-Authenticate``) only for the HTTP authentication scheme the client used
+    (``scheme``); clients that authenticated in the body (``client_assertion``) or by mTLS used none,
+    and a challenge there would hide the ``error_description`` from clients that read it first.
+    """
+
     error = "invalid_client"
     status = 401
 
+    def __init__(self, description: str, *, detail: str | None = None, scheme: str | None = None) -> None:
+        super().__init__(description, detail=detail)
+        self.scheme = scheme
+
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": 'Bearer error="invalid_client"'}
+        if self.scheme is None:
+            return {}
+        return {"WWW-Authenticate": f'{self.scheme} realm="sts", error="invalid_client"'}
 
 
 class InvalidTarget(StsError):

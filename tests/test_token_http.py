@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any
@@ -446,8 +447,8 @@ def test_refusals(server: RunningServer, example_org: TestAuthority, index: int)
     assert "access_token" not in payload
     assert response.headers["Cache-Control"] == "no-store"
     assert example_org.kid not in payload["error_description"]
-    if status == 401:
-        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    if status == 401:  # no HTTP authentication scheme was used: no challenge (RFC 6749 §5.2)
+        assert "WWW-Authenticate" not in response.headers
 
 
 def test_issued_token_replayed_as_subject_is_refused(
@@ -576,3 +577,43 @@ def test_per_class_jwks_endpoints(server: RunningServer) -> None:
     assert tool and all(k["kid"].startswith("tool-") for k in tool)
     assert data and all(k["kid"].startswith("data-") for k in data)
     assert requests.get(f"{server.url}/jwks/admin.json", timeout=5).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("authorization", "scheme"),
+    [
+        ("Basic " + base64.b64encode(b"unknown-client:secret").decode(), "Basic"),
+        ("Basic " + base64.b64encode(b"spiffe%3A%2F%2Fexample.org%2Fagent%2Fresearcher:x").decode(), "Basic"),
+        ("Bearer some-token", "Bearer"),
+        ("Negotiate YII=", "Negotiate"),
+        ("@@@ garbage", "Basic"),
+    ],
+    ids=["basic-unknown-client", "basic-named-like-the-subject", "bearer", "negotiate", "no-valid-scheme"],
+)
+def test_http_client_authentication_is_refused_not_ignored(
+    server: RunningServer, example_org: TestAuthority, authorization: str, scheme: str
+) -> None:
+    """RFC 6749 §2.3/§5.2 (issue 12 #3): a valid request with HTTP client credentials gets no token."""
+    response = post(
+        server,
+        form(example_org.mint(AGENT, server.issuer), audience="tool:calc", scope="invoke"),
+        headers={"Authorization": authorization},
+    )
+    assert (response.status_code, response.json()["error"]) == (401, "invalid_client"), response.text
+    assert response.headers["WWW-Authenticate"].startswith(f"{scheme} "), response.headers
+
+
+def test_body_client_authentication_failure_carries_no_challenge(
+    server: RunningServer, example_org: TestAuthority
+) -> None:
+    """The client used no HTTP scheme, so no WWW-Authenticate (issue 12 #5): the description shows."""
+    response = post(
+        server,
+        form(
+            example_org.mint(AGENT, server.issuer),
+            client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            client_assertion="x",
+        ),
+    )
+    assert (response.status_code, response.json()["error"]) == (401, "invalid_client")
+    assert "WWW-Authenticate" not in response.headers

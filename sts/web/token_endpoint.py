@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 
-from sts.errors import RateLimited, StsError
+from sts.errors import InvalidClient, RateLimited, StsError
 from sts.exchange import ExchangeRequest
 from sts.runtime import Services
 from sts.web.http import HttpRequest, HttpResponse, parse_form
@@ -44,6 +44,25 @@ def anonymous_refusal(services: Services, error: StsError, source: str, now: flo
     )
 
 
+_AUTH_SCHEME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}")  # RFC 9110 §11.1 auth-scheme (a token)
+
+
+def _refuse_http_client_auth(authorization: str | None) -> None:
+    """RFC 6749 §2.3, §5.2: no HTTP authentication scheme authenticates clients here.
+
+    Ignoring ``Authorization: Basic`` would let a confidential client believe it authenticated; it is
+    refused with a challenge for the scheme it used. Clients authenticate by mTLS (an X.509-SVID) or
+    a ``jwt-spiffe`` ``client_assertion``, so two methods in one request cannot arise this way.
+    """
+    if authorization is None:
+        return
+    scheme = authorization.split(" ", 1)[0]
+    raise InvalidClient(
+        "clients authenticate here by mTLS or a jwt-spiffe client_assertion, not the Authorization header",
+        scheme=scheme if _AUTH_SCHEME.fullmatch(scheme) else "Basic",
+    )
+
+
 class TokenEndpoint:
     """RFC 8693 §2.1 / RFC 6749 §3.2: answers ``POST /token`` from a complete request."""
 
@@ -63,6 +82,7 @@ class TokenEndpoint:
         exchange = self._services.exchange
         try:
             try:
+                _refuse_http_client_auth(request.headers.get("authorization"))
                 form = parse_form(request.body, request.headers.get("content-type", ""), request.query)
                 parsed = dataclasses.replace(
                     ExchangeRequest.from_form(form),
