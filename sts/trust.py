@@ -103,7 +103,9 @@ class TrustBundle:
             elif use == USE_JWT_SVID:
                 _add_jwt_authority(jwt_authorities, entry, kty, at)
             elif use == USE_X509_SVID:
-                x509_authorities.append(_x509_authority(entry, kty, at))
+                authority = _x509_authority(entry, kty, at)
+                if authority is not None:
+                    x509_authorities.append(authority)
             else:
                 logger.debug("%s: ignoring key with missing or unknown use %r", at, use)
         if entries and not jwt_authorities and not x509_authorities:
@@ -227,15 +229,20 @@ def _public_key(entry: dict[str, Any], kty: str, at: str) -> JwtAuthority:
     raise BundleError(f"{at}: not an RSA or EC public key")
 
 
-def _x509_authority(entry: dict[str, Any], kty: str, at: str) -> x509.Certificate:
-    """The single ``x5c`` certificate of an ``x509-svid`` entry (X509-SVID.md §6).
+def _x509_authority(entry: dict[str, Any], kty: str, at: str) -> x509.Certificate | None:
+    """The ``x5c`` certificate of an ``x509-svid`` entry (X509-SVID.md §6.2), None to ignore the entry.
 
-    Key members (``n``/``e`` or ``x``/``y``) are optional; when present they must describe the
-    certificate's key (RFC 7517 §4.7).
+    §6.2: an entry whose ``x5c`` is absent or empty MUST be ignored (the trust domain's other entries
+    keep working), and of several values all but the first MUST be ignored. Key members
+    (``n``/``e`` or ``x``/``y``) are optional; when present they must describe the certificate's key
+    (RFC 7517 §4.7). A value that is not a certificate still refuses the bundle.
     """
     chain = entry.get("x5c")
-    if not isinstance(chain, list) or len(chain) != 1 or not isinstance(chain[0], str):
-        raise BundleError(f"{at}: an x509-svid key needs exactly one 'x5c' certificate")
+    if chain is None or chain == []:
+        logger.warning("%s: ignoring an x509-svid key without an 'x5c' certificate (X509-SVID.md §6.2)", at)
+        return None
+    if not isinstance(chain, list) or not isinstance(chain[0], str):
+        raise BundleError(f"{at}: 'x5c' must be a list of base64 certificates")
     try:
         certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
         # Load the key now: an authority whose key cannot be used must fail here, not at verification.

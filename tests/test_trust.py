@@ -172,8 +172,8 @@ BAD_BUNDLES: list[tuple[str, Callable[[TestAuthority], bytes], str]] = [
     ),
     ("rsa-missing-modulus", lambda a: bundle_json(_rsa_jwk(2048) | {"n": None}), "invalid RSA public key"),
     ("rsa-1024-bits", lambda a: bundle_json(_rsa_jwk(1024)), "shorter than 2048 bits"),
-    ("x509-without-x5c", lambda a: bundle_json(_x509_with(a, x5c=None)), "exactly one 'x5c'"),
-    ("x509-two-x5c", lambda a: bundle_json(_x509_with(a, x5c=x509_key(a)["x5c"] * 2)), "exactly one 'x5c'"),
+    ("x509-x5c-not-a-list", lambda a: bundle_json(_x509_with(a, x5c="AAAA")), "list of base64"),
+    ("x509-x5c-of-numbers", lambda a: bundle_json(_x509_with(a, x5c=[1])), "list of base64"),
     ("x509-x5c-not-base64", lambda a: bundle_json(_x509_with(a, x5c=["not base64!"])), "cannot be parsed"),
     ("x509-x5c-not-der", lambda a: bundle_json(_x509_with(a, x5c=["AAAA"])), "cannot be parsed"),
     (
@@ -202,6 +202,22 @@ def test_x509_key_members_must_describe_the_certificate_key(authority: TestAutho
     entry = _x509_with(authority, x=other["x"], y=other["y"])
     with pytest.raises(BundleError, match="do not match"):
         TrustBundle.from_spiffe_bundle(TD, bundle_json(entry))
+
+
+@pytest.mark.parametrize("x5c", [None, []], ids=["absent", "empty"])
+def test_x509_entry_without_x5c_is_ignored_and_the_rest_kept(authority: TestAuthority, x5c: Any) -> None:
+    """X509-SVID.md §6.2 (issue 12 #7): such an entry MUST be ignored, not refuse the whole bundle."""
+    entry = x509_key(authority)
+    broken = {k: v for k, v in entry.items() if k != "x5c"} | ({} if x5c is None else {"x5c": x5c})
+    bundle = TrustBundle.from_spiffe_bundle(TD, bundle_json(broken, entry, jwt_key()))
+    assert bundle.x509_authorities == (authority.ca_cert,)
+    assert len(bundle.jwt_authorities) == 1
+
+
+def test_x509_entry_with_several_x5c_uses_the_first(authority: TestAuthority) -> None:
+    """X509-SVID.md §6.2: all but the first x5c value MUST be ignored (even if they are not certificates)."""
+    entry = _x509_with(authority, x5c=[*x509_key(authority)["x5c"], "not a certificate"])
+    assert TrustBundle.from_spiffe_bundle(TD, bundle_json(entry)).x509_authorities == (authority.ca_cert,)
 
 
 def test_x509_entry_without_key_members_uses_the_certificate(authority: TestAuthority) -> None:
