@@ -58,7 +58,9 @@ class CallerAuthenticator:
                 raise InvalidCallerToken(f"client certificate: {e.description}", detail=e.detail) from e
             return self._not_cut_off(Caller(certificate.spiffe_id, "spiffe_x509"), now)
         if not authorization:
-            raise InvalidCallerToken("authenticate with your JWT-SVID: Authorization: Bearer <token>")
+            raise InvalidCallerToken(
+                "authenticate with your JWT-SVID: Authorization: Bearer <token>", missing=True
+            )
         if not authorization[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX:
             raise InvalidCallerToken("the Authorization scheme must be Bearer")
         token = authorization[len(BEARER_PREFIX) :].strip()

@@ -153,7 +153,13 @@ class InvalidCallerToken(StsError):
     error = "invalid_token"
     status = 401
 
+    def __init__(self, description: str, *, detail: str | None = None, missing: bool = False) -> None:
+        super().__init__(description, detail=detail)
+        self.missing = missing  # no credential at all: RFC 6750 §3.1, the challenge carries no error code
+
     def headers(self) -> dict[str, str]:
+        if self.missing:
+            return {"WWW-Authenticate": 'Bearer realm="sts"'}
         description = self.description.replace('"', "'")
         return {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{description}"'}
 

@@ -129,11 +129,24 @@ def test_introspection_only_for_the_tokens_audience(
     assert calc_server.introspect("not-a-token") == {"active": False}
 
 
+def test_revocation_by_an_unauthenticated_client_is_invalid_client(server: RunningServer) -> None:
+    """RFC 7009 §2.2.1 (issue 12 #6)."""
+    anonymous = requests.post(f"{server.url}/revoke", data={"token": "x"}, timeout=5)
+    assert (anonymous.status_code, anonymous.json()["error"]) == (401, "invalid_client")
+    assert "WWW-Authenticate" not in anonymous.headers
+    bad = requests.post(
+        f"{server.url}/revoke", data={"token": "x"}, headers={"Authorization": "Bearer x.y.z"}, timeout=5
+    )
+    assert (bad.status_code, bad.json()["error"]) == (401, "invalid_client")
+    assert bad.headers["WWW-Authenticate"].startswith("Bearer ")
+
+
 def test_introspection_requires_an_authenticated_caller(server: RunningServer) -> None:
     response = requests.post(f"{server.url}/introspect", data={"token": "x"}, timeout=5)
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_token"
-    assert response.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    # RFC 6750 §3.1 (issue 12 #5): no credentials at all, so the challenge carries no error code.
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="sts"'
     wrong = requests.post(
         f"{server.url}/introspect", data={"token": "x"}, headers={"Authorization": "Bearer x.y.z"}, timeout=5
     )

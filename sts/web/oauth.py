@@ -10,7 +10,7 @@ from werkzeug.exceptions import NotFound
 
 from sts.binding import DPOP_ALGORITHMS
 from sts.catalog import TokenClass
-from sts.errors import InvalidRequest
+from sts.errors import InvalidCallerToken, InvalidClient, InvalidRequest
 from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE
 from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
 from sts.web.common import services
@@ -49,11 +49,20 @@ def introspect() -> Response:
 
 @oauth.post("/revoke")
 def revoke() -> Response:
-    """RFC 7009: the holder revokes its own token; 200 whatever the token was (§2.2)."""
+    """RFC 7009: the holder revokes its own token; 200 whatever the token was (§2.2).
+
+    The caller is the client of RFC 7009 §2.1: failing to authenticate it is ``invalid_client``
+    (§2.2.1), with a Bearer challenge only when it sent a Bearer credential.
+    """
     sts = services()
-    caller = sts.callers.authenticate(
-        request.headers.get("Authorization"), client_certificates=client_certificate_chain(request.environ)
-    )
+    authorization = request.headers.get("Authorization")
+    try:
+        caller = sts.callers.authenticate(
+            authorization, client_certificates=client_certificate_chain(request.environ)
+        )
+    except InvalidCallerToken as e:
+        scheme = "Bearer" if authorization and not e.missing else None
+        raise InvalidClient(e.description, detail=e.detail, scheme=scheme) from e
     sts.introspection.revoke(caller, _token_parameter(read_form()), request_id=g.request_id)
     return Response(status=200)
 

@@ -221,7 +221,8 @@ ENDPOINTS = [
 
 @pytest.mark.parametrize(("method", "path"), ENDPOINTS, ids=[f"{m.lower()}-{p.strip('/').replace('/', '-')}" for m, p in ENDPOINTS])
 def test_json_endpoints_refuse_anonymous_callers(dev: Dev, method: str, path: str) -> None:
-    refused(http(method, f"{dev.issuer}{path}", json_body={} if method == "POST" else None), 401, "invalid_token")
+    expected = "invalid_client" if path == "/revoke" else "invalid_token"  # RFC 7009 §2.2.1 for revocation
+    refused(http(method, f"{dev.issuer}{path}", json_body={} if method == "POST" else None), 401, expected)
 
 
 @pytest.mark.parametrize(

@@ -104,8 +104,15 @@ def test_unauthenticated_callers_are_refused(
 ) -> None:
     _, method, path, body = endpoint
     answer = call(world, method, path, body(), credential[1](world), agent_task)
-    refused(answer, 401, "invalid_token")
-    assert answer.headers.get("WWW-Authenticate", "").startswith("Bearer")
+    challenge = answer.headers.get("WWW-Authenticate", "")
+    if path == "/revoke":  # RFC 7009 §2.2.1: the revoking client failed to authenticate
+        refused(answer, 401, "invalid_client")
+        assert "error=" not in challenge or challenge.startswith("Bearer")
+    else:
+        refused(answer, 401, "invalid_token")
+        assert challenge.startswith("Bearer")
+    if credential[0] == "anonymous":  # RFC 6750 §3.1: no credentials, no error code in the challenge
+        assert "error=" not in challenge, challenge
 
 
 ADMIN_ENDPOINTS = [e for e in ENDPOINTS if e[2].startswith("/admin/")]
