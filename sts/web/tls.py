@@ -18,6 +18,8 @@ import os
 import ssl
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,6 @@ class ServerTls:
         self._lock = threading.Lock()
         self._stamp: tuple[Any, ...] | None = None
         self._context: ssl.SSLContext | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="sts-tls-"))
 
     def context(self) -> ssl.SSLContext:
         """The context for the next connection; raises TemporarilyUnavailable without a certificate."""
@@ -79,8 +80,7 @@ class ServerTls:
     def _build(self, bundles: tuple[TrustBundle, ...]) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        cert, key = self._certificate_files()
-        context.load_cert_chain(certfile=cert, keyfile=key)
+        self._load_certificate(context)
         authorities = [ca for bundle in bundles for ca in bundle.x509_authorities]
         if authorities:
             pem = b"".join(ca.public_bytes(serialization.Encoding.PEM) for ca in authorities)
@@ -88,9 +88,16 @@ class ServerTls:
             context.verify_mode = ssl.CERT_OPTIONAL
         return context
 
-    def _certificate_files(self) -> tuple[str, str]:
+    def _load_certificate(self, context: ssl.SSLContext) -> None:
+        """The server certificate and key into ``context``: the configured files, or the own SVID.
+
+        ``ssl`` loads a key only from a path, and the SVID's key must never be left on disk: it is
+        written to anonymous memory files (``memfd``, gone with their descriptor, even on SIGKILL),
+        or where those do not exist, to a private temporary directory removed once it is loaded.
+        """
         if self._settings.cert is not None and self._settings.key is not None:
-            return str(self._settings.cert), str(self._settings.key)
+            context.load_cert_chain(certfile=str(self._settings.cert), keyfile=str(self._settings.key))
+            return
         own = self._watcher.own_svid() if self._watcher else None
         if own is None:
             raise TemporarilyUnavailable("no server certificate from the Workload API yet")
@@ -98,13 +105,30 @@ class ServerTls:
         key = own.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        return _write_private(self._dir / "svid.pem", chain), _write_private(self._dir / "svid.key", key)
+        with _private_files(chain, key) as (chain_path, key_path):
+            context.load_cert_chain(certfile=chain_path, keyfile=key_path)
 
 
-def _write_private(path: Path, data: bytes) -> str:
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
-    return str(path)
+@contextmanager
+def _private_files(*contents: bytes) -> Iterator[list[str]]:
+    """Paths that hold ``contents`` only while the block runs; nothing remains after it."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create("sts-tls", os.MFD_CLOEXEC) for _ in contents]
+        try:
+            for fd, data in zip(fds, contents, strict=True):
+                with os.fdopen(fd, "wb", closefd=False) as f:
+                    f.write(data)
+            yield [f"/proc/self/fd/{fd}" for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="sts-tls-") as directory:  # mode 0700
+        paths = []
+        for index, data in enumerate(contents):
+            path = Path(directory) / f"{index}.pem"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            paths.append(str(path))
+        yield paths
