@@ -103,7 +103,7 @@ class TestAuthority:
         self.kid = ""
         self.rotate()
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        self.ca_cert = _ca_certificate(self.trust_domain, self.ca_key)
+        self.ca_cert = spiffe_ca_certificate(self.trust_domain, self.ca_key)
 
     @property
     def private_key(self) -> PrivateKey:
@@ -204,7 +204,7 @@ def trust_store(*authorities: TestAuthority) -> TrustStore:
     return TrustStore(authority.source() for authority in authorities)
 
 
-def _ca_certificate(trust_domain: TrustDomain, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+def spiffe_ca_certificate(trust_domain: TrustDomain, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     """A self-signed SPIFFE CA (X509-SVID.md §4): cA true, keyCertSign and cRLSign, URI SAN of the domain."""
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain.name)])
     start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)

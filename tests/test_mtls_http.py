@@ -97,23 +97,30 @@ def ca_files(authority: TestAuthority, directory: Path, name: str) -> tuple[Path
     return cert_path, key_path
 
 
+def with_tls_listener(config: Path, port: int, authority: TestAuthority) -> Path:
+    """Turn ``config`` (from ``write_config``) into a TLS listener on ``port`` with a server certificate
+    from ``authority``; returns the CA file clients trust."""
+    directory = config.parent
+    cert, key, _ = issue(authority, directory, "server", uris=("spiffe://example.org/sts",), dns=("localhost",))
+    config.write_text(
+        config.read_text().replace(
+            f"listen: {{host: 127.0.0.1, port: {port}}}",
+            f"listen: {{host: 127.0.0.1, port: {port}, tls: {{cert: {cert}, key: {key}, public_url: 'https://localhost:{port}'}}}}",
+        )
+    )
+    ca = directory / "ca.pem"
+    ca.write_bytes(authority.ca_pem())
+    return ca
+
+
 @pytest.fixture(scope="module")
 def tls(
     tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
 ) -> Iterator[tuple[RunningServer, Path]]:
     directory = tmp_path_factory.mktemp("tls")
     port = free_port()
-    cert, key, _ = issue(
-        example_org, directory, "server", uris=("spiffe://example.org/sts",), dns=("localhost",)
-    )
     config = write_config(directory, port, example_org, partner_test)
-    text = config.read_text().replace(
-        f"listen: {{host: 127.0.0.1, port: {port}}}",
-        f"listen: {{host: 127.0.0.1, port: {port}, tls: {{cert: {cert}, key: {key}, public_url: 'https://localhost:{port}'}}}}",
-    )
-    config.write_text(text)
-    ca = directory / "ca.pem"
-    ca.write_bytes(example_org.ca_pem())
+    ca = with_tls_listener(config, port, example_org)
     with running_server(config, port, scheme="https", ca=ca) as server:
         yield server, directory
 

@@ -20,7 +20,7 @@ import requests
 
 from tests.authority import TestAuthority
 from tests.conftest import RunningServer, free_port, running_server, write_config
-from tests.test_mtls_http import issue
+from tests.test_mtls_http import with_tls_listener
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -36,18 +36,25 @@ def _config(directory: Path, port: int, example: TestAuthority, partner: TestAut
     return config
 
 
+def _running(
+    factory: pytest.TempPathFactory, example: TestAuthority, partner: TestAuthority, server: str, *, tls: bool = False
+) -> Iterator[tuple[RunningServer, Path | None]]:
+    directory = factory.mktemp("slow")
+    port = free_port()
+    config = _config(directory, port, example, partner, server)
+    ca = with_tls_listener(config, port, example) if tls else None
+    with running_server(config, port, scheme="https" if tls else "http", ca=ca) as running:
+        yield running, ca
+
+
 @pytest.fixture(scope="module")
 def patient(
     tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
 ) -> Iterator[RunningServer]:
     """One worker whose deadlines outlast the test, so the slow connections are really held."""
-    directory = tmp_path_factory.mktemp("slow")
-    port = free_port()
-    config = _config(
-        directory, port, example_org, partner_test, "{workers: 1, header_timeout: 60, body_timeout: 60}"
-    )
-    with running_server(config, port) as server:
-        yield server
+    server = "{workers: 1, header_timeout: 60, body_timeout: 60}"
+    for running, _ in _running(tmp_path_factory, example_org, partner_test, server):
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -55,42 +62,19 @@ def strict(
     tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
 ) -> Iterator[RunningServer]:
     """Short deadlines, to see them enforced."""
-    directory = tmp_path_factory.mktemp("strict")
-    port = free_port()
-    config = _config(
-        directory,
-        port,
-        example_org,
-        partner_test,
-        "{workers: 1, header_timeout: 1, body_timeout: 1, max_body_bytes: 1024}",
-    )
-    with running_server(config, port) as server:
-        yield server
+    server = "{workers: 1, header_timeout: 1, body_timeout: 1, max_body_bytes: 1024}"
+    for running, _ in _running(tmp_path_factory, example_org, partner_test, server):
+        yield running
 
 
 @pytest.fixture(scope="module")
 def tls(
     tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
 ) -> Iterator[tuple[RunningServer, Path]]:
-    directory = tmp_path_factory.mktemp("slowtls")
-    port = free_port()
-    cert, key, _ = issue(example_org, directory, "server", uris=("spiffe://example.org/sts",), dns=("localhost",))
-    config = _config(
-        directory,
-        port,
-        example_org,
-        partner_test,
-        "{workers: 1, header_timeout: 60, body_timeout: 60, handshake_timeout: 60}",
-    )
-    text = config.read_text().replace(
-        f"listen: {{host: 127.0.0.1, port: {port}}}",
-        f"listen: {{host: 127.0.0.1, port: {port}, tls: {{cert: {cert}, key: {key}, public_url: 'https://localhost:{port}'}}}}",
-    )
-    config.write_text(text)
-    ca = directory / "ca.pem"
-    ca.write_bytes(example_org.ca_pem())
-    with running_server(config, port, scheme="https", ca=ca) as server:
-        yield server, ca
+    server = "{workers: 1, header_timeout: 60, body_timeout: 60, handshake_timeout: 60}"
+    for running, ca in _running(tmp_path_factory, example_org, partner_test, server, tls=True):
+        assert ca is not None
+        yield running, ca
 
 
 def _port(server: RunningServer) -> int:

@@ -28,10 +28,12 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from jwt.algorithms import get_default_algorithms
 
 from sts.errors import StsError
+from sts.spiffeid import TrustDomain
+from tests.authority import spiffe_ca_certificate
 from tests.hostile import tally
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -377,35 +379,6 @@ def issue(
 
 
 def self_signed_ca(name: str) -> Ca:
-    """A CA no trust domain of the server knows."""
+    """A CA no trust domain of the server knows (shaped as the test authority's own CAs)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name)])
-    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{name}")]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return Ca(key, cert)
+    return Ca(key, spiffe_ca_certificate(TrustDomain.parse(name), key))
