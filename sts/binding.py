@@ -12,6 +12,7 @@ Must not import Flask or the exchange; it is handed the header value, method and
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import secrets
@@ -152,7 +153,7 @@ class DpopVerifier:
         if not isinstance(htm, str) or htm != method:
             raise InvalidDpopProof("the DPoP proof's htm does not match the request method")
         htu = claims.get("htu")
-        expected = {normalize_htu(u) for u in urls}
+        expected = _expected_htus(urls)
         if not isinstance(htu, str) or len(htu) > MAX_HTU_CHARS or _checked_htu(htu) not in expected:
             raise InvalidDpopProof("the DPoP proof's htu does not match this endpoint")
         iat = numeric_date(claims.get("iat"))
@@ -197,6 +198,12 @@ def _checked_htu(htu: str) -> str | None:
         return normalize_htu(htu)
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_htus(urls: tuple[str, ...]) -> frozenset[str]:
+    """The normalized forms of an endpoint's URLs; the token endpoint's are the same on every request."""
+    return frozenset(normalize_htu(u) for u in urls)
 
 
 def _public_key(jwk: dict[str, Any], alg: str) -> tuple[Any, str]:

@@ -14,6 +14,7 @@ that, new addresses share one overflow bucket (``"*"``), which is still bounded 
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +28,17 @@ class _Window:
     started: float
     refusals: int = 0
     suppressed: int = 0
+
+
+def source_key(source: str) -> str:
+    """The address a budget is kept for: an IPv6 source by its /64 (one host usually holds a whole
+    /64, so per-address budgets would be 2**64 budgets), an IPv4 source as it is."""
+    if ":" not in source:
+        return source
+    try:
+        return str(ipaddress.IPv6Network(f"{source}/64", strict=False))
+    except ValueError:
+        return source
 
 
 class RefusalLimiter:
@@ -49,7 +61,7 @@ class RefusalLimiter:
 
     def admit(self, source: str, now: float) -> bool:
         """Count one refusal for ``source``; False when its budget for this window is spent."""
-        ended = []
+        source = source_key(source)
         with self._lock:
             ended = self._expire(now)
             key = source if source in self._windows or len(self._windows) < self._max_sources else None
@@ -67,14 +79,14 @@ class RefusalLimiter:
     def retry_after(self, source: str, now: float) -> int:
         """Whole seconds until ``source``'s window ends (for ``Retry-After``), at least 1."""
         with self._lock:
-            window = self._windows.get(source) or self._windows.get(OVERFLOW_SOURCE)
+            window = self._windows.get(source_key(source)) or self._windows.get(OVERFLOW_SOURCE)
             remaining = (window.started + self._window - now) if window else 1.0
         return max(1, int(remaining + 0.999))
 
     def close(self, now: float) -> None:
         """Report every window that still holds suppressed refusals (at shutdown)."""
         with self._lock:
-            ended = [(source, w) for source, w in self._windows.items()]
+            ended = list(self._windows.items())
             self._windows.clear()
         self._flush(ended, end=now)
 

@@ -31,7 +31,6 @@ Must not import the server side (``sts.exchange``, ``sts.web``, ``sts.keys``).
 
 from __future__ import annotations
 
-import binascii
 import functools
 import hmac
 import logging
@@ -53,7 +52,7 @@ from flask import Response, g, jsonify, request
 from sts.binding import DPOP_ALGORITHMS, DpopVerifier, InvalidDpopProof, certificate_thumbprint
 from sts.client import CachedJwtSvid, SvidSource, WorkloadApiSvids
 from sts.errors import StsError, TemporarilyUnavailable
-from sts.strict_json import loads, numeric_date
+from sts.strict_json import b64url_decode, loads, numeric_date
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,6 @@ REQUIRED_STRING_CLAIMS = ("iss", "sub", "client_id", "jti", "token_class")
 REQUIRED_TIME_CLAIMS = ("exp", "iat")
 NOT_OURS = "the access token is not a valid token of this issuer for this service"
 _ES256 = ec.ECDSA(hashes.SHA256())
-_FROM_URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")  # '+' and '/' become invalid, as base64url wants
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -486,7 +484,7 @@ class TokenVerifier:
             kid = self._check_header(parts[0], refuse)
         key = self._key(kid, now)
         try:
-            signature = _b64decode(parts[2])
+            signature = b64url_decode(parts[2])
         except ValueError as e:
             raise refuse("malformed", "the access token is not a compact JWS") from e
         if key is None or len(signature) != 64:
@@ -503,7 +501,7 @@ class TokenVerifier:
     def _check_header(self, segment: str, refuse: Callable[[str, str], InvalidAccessToken]) -> str:
         """RFC 9068 §4, RFC 8725 §3.1: ``typ``, the one ``alg``, no ``crit``, a ``kid`` of our class."""
         try:
-            header = loads(_b64decode(segment))
+            header = loads(b64url_decode(segment))
         except ValueError as e:
             raise refuse("malformed", "the access token is not a compact JWS") from e
         if not isinstance(header, dict):
@@ -531,7 +529,7 @@ class TokenVerifier:
 
         try:
             # Strict JSON (sts.strict_json): no NaN, no integer beyond 64 bits, bounded nesting.
-            claims = loads(_b64decode(payload))
+            claims = loads(b64url_decode(payload))
         except ValueError as e:
             raise refuse("malformed", f"the access token's claims are not JSON we accept: {e}") from e
         if not isinstance(claims, dict):
@@ -675,8 +673,8 @@ class TokenVerifier:
         if jwk.get("alg", "ES256") != "ES256" or "d" in jwk:
             return None
         try:
-            x = int.from_bytes(_b64decode(jwk["x"]), "big")
-            y = int.from_bytes(_b64decode(jwk["y"]), "big")
+            x = int.from_bytes(b64url_decode(jwk["x"]), "big")
+            y = int.from_bytes(b64url_decode(jwk["y"]), "big")
             return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
         except (KeyError, TypeError, ValueError):
             return None
@@ -780,12 +778,3 @@ def client_certificate(environ: Mapping[str, Any]) -> x509.Certificate | None:
         der = sock.getpeercert(binary_form=True)
         return x509.load_der_x509_certificate(der) if der else None
     return None
-
-
-def _b64decode(segment: str) -> bytes:
-    """base64url without padding (RFC 7515 §2), strictly: any other character is a ValueError."""
-    try:
-        data = (segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_FROM_URLSAFE)
-        return binascii.a2b_base64(data, strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError) as e:
-        raise ValueError("not base64url") from e

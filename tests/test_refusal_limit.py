@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 
-from sts.refusal_limit import OVERFLOW_SOURCE, RefusalLimiter
+from sts.refusal_limit import OVERFLOW_SOURCE, RefusalLimiter, source_key
 from tests.authority import TestAuthority
 from tests.conftest import RunningServer, free_port, running_server, write_config
 
@@ -38,6 +39,17 @@ def test_budget_per_source_then_one_summary_when_the_window_ends() -> None:
     assert reports == []
     assert limit.admit("10.0.0.1", 1061.0), "a new window, a new budget"
     assert reports == [("10.0.0.1", 2)], "the suppressed refusals are reported once"
+
+
+def test_an_ipv6_source_is_budgeted_by_its_slash_64() -> None:
+    limit, _ = limiter(per_window=2)
+    assert limit.admit("2001:db8::1", 0.0)
+    assert limit.admit("2001:db8::ffff:1", 0.0)
+    assert not limit.admit("2001:db8:0:0:1234::9", 0.0), "one /64, one budget"
+    assert limit.admit("2001:db8:0:1::1", 0.0), "another /64 has its own"
+    assert source_key("2001:db8::1") == "2001:db8::/64"
+    assert source_key("10.0.0.1") == "10.0.0.1"
+    assert source_key("not:an:address") == "not:an:address"
 
 
 def test_sources_are_bounded_past_which_they_share_one_bucket() -> None:
@@ -102,3 +114,42 @@ def test_the_suppressed_refusals_are_summarised_in_the_audit_log_at_shutdown(
             requests.post(f"{server.url}/token", data={"grant_type": "x"}, timeout=5)
     summary = [r for r in server.audit_records() if r.get("event") == "refusals_suppressed"]
     assert [(r["source"], r["count"]) for r in summary] == [("127.0.0.1", 4)]
+
+
+def _raw(port: int, data: bytes) -> tuple[bytes, bool]:
+    """Send ``data``; the answer, and whether the server closed the connection after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(data)
+        answer, closed = b"", False
+        connection.settimeout(3)
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+            closed = True
+        except TimeoutError:
+            pass
+    return answer, closed
+
+
+def test_a_429_in_place_of_a_body_refusal_still_closes_the_connection(limited: RunningServer) -> None:
+    """Past the budget a 413 becomes 429; the unread body must still end the connection (else a slow
+    sender would be held open with no deadline left)."""
+    port = int(limited.url.rsplit(":", 1)[1])
+    oversized = (
+        b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 999999999\r\n\r\ngrant"
+    )
+    answers = [_raw(port, oversized) for _ in range(8)]
+    assert any(a.startswith(b"HTTP/1.1 429") for a, _ in answers), [a[:20] for a, _ in answers]
+    assert all(closed for _, closed in answers), "every refused unread body closes its connection"
+
+
+def test_a_malformed_head_is_refused_closed_and_audited(server: RunningServer) -> None:
+    """RFC 9112 §3.2: two Host fields are 400; the refusal is audited like any other."""
+    port = int(server.url.rsplit(":", 1)[1])
+    answer, closed = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and closed, answer
+    assert b'"error":"invalid_request"' in answer
+    time.sleep(0.2)
+    audited = [r for r in server.audit_records() if r.get("event") == "api_refusal" and r.get("path") == "/healthz"]
+    assert audited and "host" in audited[-1]["error_description"].lower()

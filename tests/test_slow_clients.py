@@ -217,3 +217,16 @@ def test_a_declared_body_over_the_limit_is_413_without_reading_it(strict: Runnin
         )
         answer = _answer(connection)
     assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def test_head_on_the_tls_listener_is_answered_without_a_body(tls: tuple[RunningServer, Path]) -> None:
+    """h11 refuses to send a body for HEAD: the listener must send the head alone, not fail."""
+    server, ca = tls
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as raw, context.wrap_socket(
+        raw, server_hostname="localhost"
+    ) as connection:
+        connection.sendall(b"HEAD /token HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = _answer(connection, timeout=3)
+    assert answer.startswith(b"HTTP/1.1 405"), answer
+    assert b"HTTP/1.1 200" in answer and b'{"status":"ok"}' in answer, "the connection goes on after HEAD"

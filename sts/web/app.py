@@ -6,9 +6,8 @@ same routes as a WSGI app (tests, embedding), with ``/token`` answered by the sa
 
 from __future__ import annotations
 
-import json
 import logging
-import time
+import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,13 +25,14 @@ from sts.web.http import (
     WsgiApp,
     call_wsgi,
     environ_for,
+    error_answer,
     request_from_environ,
     status_line,
 )
 from sts.web.oauth import oauth
 from sts.web.ops import ops
 from sts.web.resources import resources
-from sts.web.token_endpoint import TokenEndpoint, anonymous_refusal, request_id
+from sts.web.token_endpoint import TokenEndpoint, early_refusal, request_id
 
 log = logging.getLogger(__name__)
 
@@ -116,28 +116,32 @@ class StsHttp:
             return self._token.handle(request)
         try:
             if request.body_error is not None:
-                return self._body_refused(request, request.body_error)
+                return self.refuse(request.method, request.path, request.source, request.body_error)
             return call_wsgi(self._flask, environ_for(request))
         except Exception:  # a bug below Flask's own handlers: answered generically, never the detail
             log.exception("unexpected error serving %s %s", request.method, request.path)
-            return _json_response(500, StsError().to_json(), [])
+            return error_answer(StsError())
 
-    def _body_refused(self, request: HttpRequest, error: StsError) -> HttpResponse:
-        """408/413 met while reading the body of a JSON or OAuth endpoint (anonymous: nothing was read)."""
-        shown = anonymous_refusal(self.services, error, request.source, time.time()) or error
-        log.info("refused %s %s: %s %s", request.method, request.path, shown.error, shown.description)
-        return _json_response(shown.status, shown.to_json(), list(shown.headers().items()))
+    def refuse(self, method: str, path: str, source: str, error: StsError) -> HttpResponse:
+        """A request refused before any credential was read (a bad head, a body too large or too slow):
+        audited like every refusal (``api_refusal``), within the source's anonymous budget."""
+        rid = secrets.token_hex(8)
 
+        def record(refused: StsError) -> None:
+            self.services.audit.record(
+                {
+                    "event": "api_refusal",
+                    "decision": "deny",
+                    "request_id": rid,
+                    "path": path,
+                    "error": refused.error,
+                    "error_description": refused.description,
+                }
+            )
 
-def _json_response(status: int, body: object, extra: list[tuple[str, str]]) -> HttpResponse:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    headers = [
-        ("Content-Type", "application/json"),
-        ("Cache-Control", "no-store"),
-        ("X-Content-Type-Options", "nosniff"),
-        *extra,
-    ]
-    return HttpResponse(status, headers, payload)
+        shown = early_refusal(self.services, error, source, record)
+        log.info("refused %s %s: %s %s (request %s)", method, path, shown.error, shown.description, rid)
+        return error_answer(shown, [("X-Request-Id", rid)])
 
 
 def services_from_env() -> Services:

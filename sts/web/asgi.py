@@ -17,7 +17,6 @@ uvicorn does all of a worker's work on one thread and measured at least as fast 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,11 +27,18 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from sts.errors import InvalidRequest, RequestTimeout, RequestTooLarge, StsError
 from sts.web.app import StsHttp, services_from_env
 from sts.web.deadlines import Deadlines
-from sts.web.http import HttpRequest, MalformedHead, declared_length, joined_headers
+from sts.web.http import (
+    MAX_HEAD_BYTES,
+    HttpRequest,
+    HttpResponse,
+    MalformedHead,
+    declared_length,
+    error_answer,
+    joined_headers,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 16 * 1024  # request line + header fields (as the TLS listener)
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -95,16 +101,12 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
     def _head_late(self) -> None:
         self._head_timer = None
         if not self.transport.is_closing():
-            body = _error_body(RequestTimeout("the request head did not arrive in time"))
+            body = error_answer(RequestTimeout("the request head did not arrive in time")).body
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
             )
             self.transport.close()
-
-
-def _error_body(error: StsError) -> bytes:
-    return json.dumps(error.to_json(), separators=(",", ":")).encode()
 
 
 class AsgiApp:
@@ -123,16 +125,18 @@ class AsgiApp:
             return
         if scope["type"] != "http":
             return  # websockets: nothing here speaks them (uvicorn runs with ws="none")
+        client = scope.get("client")
+        source = str(client[0]) if client else ""
         try:
             headers = _head(scope)
-        except MalformedHead as e:
-            await _send(send, e.status, [("content-type", "application/json"), ("connection", "close")], e)
+        except MalformedHead as e:  # audited and budgeted like every anonymous refusal
+            refused = self._http.refuse(scope.get("method", "?"), scope["path"], source, e)
+            await _send(send, refused, close=True)
             return
         read = await self._body(headers, receive)
         if read is None:
             return  # the client went away
         body, error = read
-        client = scope.get("client")
         server = scope.get("server") or ("127.0.0.1", 0)
         request = HttpRequest(
             method=scope["method"],
@@ -140,21 +144,14 @@ class AsgiApp:
             query=scope["query_string"].decode("latin-1"),
             headers=headers,
             body=body,
-            source=str(client[0]) if client else "",
+            source=source,
             scheme=scope["scheme"],
             server=(str(server[0]), int(server[1] or 0)),
             body_error=error,
         )
-        answer = self._http.handle(request)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": answer.status,
-                "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers]
-                + [(b"content-length", str(len(answer.body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": answer.body})
+        # A body that was not read whole leaves the connection unusable, whatever the answer became
+        # (a 429 in place of a 408 carries no "Connection: close" of its own).
+        await _send(send, self._http.handle(request), close=error is not None)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -211,17 +208,16 @@ def _head(scope: dict[str, Any]) -> dict[str, str]:
     return joined_headers((n.decode("latin-1"), v.decode("latin-1")) for n, v in scope["headers"])
 
 
-async def _send(send: Send, status: int, headers: list[tuple[str, str]], error: StsError) -> None:
-    body = _error_body(error)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(n.encode(), v.encode()) for n, v in headers]
-            + [(b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _send(send: Send, answer: HttpResponse, *, close: bool = False) -> None:
+    """The answer, framed by us: Content-Length always, ``Connection: close`` when asked."""
+    headers = [
+        (n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers if n.lower() != "connection"
+    ]
+    headers.append((b"content-length", str(len(answer.body)).encode()))
+    if close or answer.closes:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
 
 
 def create_asgi_app_from_env() -> AsgiApp:

@@ -11,6 +11,7 @@ directly (the hot path); every other route goes to the Flask app through a WSGI 
 from __future__ import annotations
 
 import io
+import json
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from cryptography import x509
 from sts.errors import InvalidRequest, RequestTooLarge, StsError
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+MAX_HEAD_BYTES = 16 * 1024  # request line + header fields, on both listeners; more is refused
 CLIENT_CERTIFICATES_ENVIRON = "sts.client_certificates"  # WSGI environ key: the verified peer chain
 SOURCE_ENVIRON = "REMOTE_ADDR"
 
@@ -90,7 +92,29 @@ class MalformedHead(InvalidRequest):
         return {"Connection": "close"}
 
 
+class HeadTooLarge(MalformedHead):
+    """RFC 6585 §5: the request line and header fields are over ``MAX_HEAD_BYTES``."""
+
+    status = 431
+
+
 SINGLE_FIELDS = frozenset({"host", "content-length"})
+
+
+def json_response(status: int, body: object, extra: Iterable[tuple[str, str]] = ()) -> HttpResponse:
+    """A JSON answer with the headers every answer of ours carries (no caching, no sniffing)."""
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        *extra,
+    ]
+    return HttpResponse(status, headers, json.dumps(body, separators=(",", ":")).encode())
+
+
+def error_answer(error: StsError, extra: Iterable[tuple[str, str]] = ()) -> HttpResponse:
+    """An RFC 6749 §5.2 error body with the error's own headers (challenge, Retry-After, close)."""
+    return json_response(error.status, error.to_json(), [*extra, *error.headers().items()])
 
 
 def joined_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -38,14 +37,21 @@ from sts.config import Settings, load_settings
 from sts.errors import InvalidRequest, RequestTimeout, RequestTooLarge, StsError, TemporarilyUnavailable
 from sts.logsafe import configure_logging
 from sts.web.app import StsHttp
-from sts.web.http import HttpRequest, HttpResponse, declared_length, joined_headers, status_line
+from sts.web.http import (
+    MAX_HEAD_BYTES,
+    HeadTooLarge,
+    HttpRequest,
+    HttpResponse,
+    MalformedHead,
+    declared_length,
+    joined_headers,
+    status_line,
+)
 from sts.web.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 16 * 1024  # request line + header fields; more is 431 (RFC 6585 §5)
-MAX_HEADER_FIELDS = 100  # as hyper (the plain listener) allows
-KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this
+MAX_HEADER_FIELDS = 100  # many tiny fields cost more to join than their bytes say; 431 past it
 READ_CHUNK = 64 * 1024
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -93,7 +99,7 @@ class TlsServer:
         self._connections.add(task)
         try:
             await self._connection(reader, writer)
-        except (_Closed, ConnectionError, OSError, ssl.SSLError, TimeoutError):
+        except (_Closed, ConnectionError, OSError, ssl.SSLError, TimeoutError, h11.LocalProtocolError):
             pass
         finally:
             self._connections.discard(task)
@@ -112,27 +118,29 @@ class TlsServer:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         first = True
         while not self._stopping or first:
-            head_deadline = self._header_timeout if first else KEEPALIVE_SECONDS
             first = False
-            try:
-                async with asyncio.timeout(head_deadline):
+            try:  # the head deadline also ends a keep-alive connection left idle (as on the plain listener)
+                async with asyncio.timeout(self._header_timeout):
                     event = await _next_event(connection, reader)
+                if not isinstance(event, h11.Request):
+                    return  # ConnectionClosed
+                headers = _parse_head(event)
             except TimeoutError:
                 if connection.their_state is h11.SEND_BODY or _has_partial_head(connection):
-                    await self._raw_answer(writer, 408, "the request head did not arrive in time")
+                    late = RequestTimeout("the request head did not arrive in time")
+                    await self._refuse(writer, source, late)
                 return
             except h11.RemoteProtocolError as e:
-                await self._raw_answer(writer, e.error_status_hint, f"malformed request: {e}")
+                refusal = HeadTooLarge if e.error_status_hint == 431 else MalformedHead
+                await self._refuse(writer, source, refusal(f"malformed request: {e}"))
                 return
-            if not isinstance(event, h11.Request):
-                return  # ConnectionClosed
-            refusal = _refuse_head(event)
-            if refusal is not None:
-                await self._raw_answer(writer, *refusal)
+            except MalformedHead as e:
+                assert isinstance(event, h11.Request)  # noqa: S101 (only _parse_head raises it)
+                await self._refuse(writer, source, e, event.method, event.target)
                 return
             self._busy += 1
             try:
-                keep = await self._exchange(connection, reader, writer, event, peer=(chain, source))
+                keep = await self._exchange(connection, reader, writer, event, headers, peer=(chain, source))
             finally:
                 self._busy -= 1
             if not keep:
@@ -148,12 +156,12 @@ class TlsServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         event: h11.Request,
+        headers: dict[str, str],
         *,
         peer: tuple[tuple[x509.Certificate, ...], str],
     ) -> bool:
         """Read the body, answer, write; False when the connection must close afterwards."""
         chain, source = peer
-        headers = joined_headers((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
         body, error = await self._body(connection, reader, headers)
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
@@ -171,6 +179,8 @@ class TlsServer:
         )
         answer = self._http.handle(request)
         closes = answer.closes or error is not None or self._stopping
+        if event.method == b"HEAD":  # RFC 9110 §9.3.2: the same head, no content
+            answer = HttpResponse(answer.status, answer.headers, b"")
         await self._send(connection, writer, answer, closes)
         return not closes and connection.our_state is h11.DONE and connection.their_state is h11.DONE
 
@@ -221,15 +231,22 @@ class TlsServer:
         async with asyncio.timeout(self._body_timeout):
             await writer.drain()
 
-    async def _raw_answer(self, writer: asyncio.StreamWriter, status: int, description: str) -> None:
-        """An answer outside h11's state machine (the request could not be parsed); then close."""
-        status = status if 400 <= status < 500 else 400
-        body = _json_error(description)
-        head = (
-            f"HTTP/1.1 {status_line(status)}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
-        )
-        writer.write(head.encode("latin-1") + body)
+    async def _refuse(
+        self,
+        writer: asyncio.StreamWriter,
+        source: str,
+        error: StsError,
+        method: bytes = b"-",
+        target: bytes = b"-",
+    ) -> None:
+        """A request refused before it could be read (a head too slow, too large or malformed):
+        audited and budgeted like every anonymous refusal, answered outside h11, then closed."""
+        path = target.decode("latin-1").partition("?")[0]
+        answer = self._http.refuse(method.decode("ascii", "replace"), path, source, error)
+        head = [f"HTTP/1.1 {status_line(answer.status)}"]
+        head += [f"{name}: {value}" for name, value in answer.headers if name.lower() != "connection"]
+        head += [f"Content-Length: {len(answer.body)}", "Connection: close", "", ""]
+        writer.write("\r\n".join(head).encode("latin-1") + answer.body)
         with contextlib.suppress(TimeoutError, ConnectionError, OSError):
             async with asyncio.timeout(1.0):
                 await writer.drain()
@@ -243,30 +260,20 @@ async def _next_event(connection: h11.Connection, reader: asyncio.StreamReader) 
         connection.receive_data(await reader.read(READ_CHUNK))
 
 
-def _refuse_head(event: h11.Request) -> tuple[int, str] | None:
-    """What h11 lets through that we do not: other HTTP versions, oversized or repeated fields.
-
-    h11 bounds a head only while it is incomplete, so a large head that arrives in one read would
-    pass; the size and count are checked here on the parsed head as well (RFC 6585 §5: 431).
-    """
+def _parse_head(event: h11.Request) -> dict[str, str]:
+    """The header fields, refusing what h11 lets through: other HTTP versions, oversized or repeated
+    fields. h11 bounds a head only while it is incomplete, so a large head that arrives in one read
+    would pass; the size and count are checked on the parsed head too (RFC 6585 §5: 431)."""
     if event.http_version not in (b"1.1", b"1.0"):
-        return 400, "only HTTP/1.1 is served here"
+        raise MalformedHead("only HTTP/1.1 is served here")
     size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
     if len(event.headers) > MAX_HEADER_FIELDS or size > MAX_HEAD_BYTES:
-        return 431, "the request head is too large"
-    try:
-        joined_headers((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
-    except InvalidRequest as e:
-        return 400, e.description
-    return None
+        raise HeadTooLarge("the request head is too large")
+    return joined_headers((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
 
 
 def _has_partial_head(connection: h11.Connection) -> bool:
     return bool(connection.trailing_data[0])
-
-
-def _json_error(description: str) -> bytes:
-    return json.dumps({"error": "invalid_request", "error_description": description[:200]}).encode()
 
 
 def _peer_chain(writer: asyncio.StreamWriter) -> tuple[x509.Certificate, ...]:

@@ -8,16 +8,16 @@ with the same rules, headers, error bodies, logging and audit as every other end
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 
 from sts.errors import InvalidClient, RateLimited, StsError
 from sts.exchange import ExchangeRequest
 from sts.runtime import Services
-from sts.web.http import HttpRequest, HttpResponse, parse_form
+from sts.web.http import HttpRequest, HttpResponse, error_answer, json_response, parse_form
 
 log = logging.getLogger("sts.web")
 
@@ -42,6 +42,18 @@ def anonymous_refusal(services: Services, error: StsError, source: str, now: flo
         retry_after=limiter.retry_after(source, now),
         detail=f"suppressed: {error.error} {error.description}",
     )
+
+
+def early_refusal(
+    services: Services, error: StsError, source: str, record: Callable[[StsError], None]
+) -> StsError:
+    """A refusal met before any credential was looked at (anonymous by definition): ``record`` audits
+    it, or past the source's budget it becomes 429 without an audit line of its own."""
+    limited = anonymous_refusal(services, error, source, time.time())
+    if limited is not None:
+        return limited
+    record(error)
+    return error
 
 
 _AUTH_SCHEME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}")  # RFC 9110 §11.1 auth-scheme (a token)
@@ -74,13 +86,18 @@ class TokenEndpoint:
         if request.method != "POST":
             body = {"error": "invalid_request", "error_description": "the token endpoint takes POST only"}
             return self._respond(405, body, rid, [("Allow", "POST")])
-        if request.body_error is not None:
-            # Answered without raising it: a raised exception's traceback would link the stored error
-            # to the listener's frame and keep the request's body stream alive (granian RSGI kept the
-            # connection open after a "Connection: close" answer; measured).
-            return self._refusal(self._refused_early(request.body_error, rid, request.source), rid)
         exchange = self._services.exchange
+
+        def record(error: StsError) -> None:
+            exchange.record_refusal(error, request_id=rid)
+
         try:
+            if request.body_error is not None:
+                # Answered without raising it: a raised exception's traceback would link the stored
+                # error to the listener's frame and keep the request's body stream alive (granian
+                # RSGI kept the connection open after a "Connection: close" answer; measured).
+                refused = early_refusal(self._services, request.body_error, request.source, record)
+                return self._refusal(refused, rid)
             try:
                 _refuse_http_client_auth(request.headers.get("authorization"))
                 form = parse_form(request.body, request.headers.get("content-type", ""), request.query)
@@ -90,7 +107,7 @@ class TokenEndpoint:
                     client_certificates=request.client_certificates,
                 )
             except StsError as e:
-                raise self._refused_early(e, rid, request.source) from None
+                raise early_refusal(self._services, e, request.source, record) from None
             services, source = self._services, request.source
             issued = exchange.exchange(
                 parsed,
@@ -104,31 +121,14 @@ class TokenEndpoint:
             return self._respond(500, StsError().to_json(), rid, [])
         return self._respond(200, issued.to_json(), rid, [("Pragma", "no-cache")])
 
-    def _refused_early(self, error: StsError, rid: str, source: str) -> StsError:
-        """A refusal before any credential was looked at (anonymous by definition): audited, or past
-        the source's budget replaced by 429 without an audit line of its own."""
-        limited = anonymous_refusal(self._services, error, source, time.time())
-        if limited is not None:
-            return limited
-        self._services.exchange.record_refusal(error, request_id=rid)
-        return error
-
     def _refusal(self, error: StsError, rid: str) -> HttpResponse:
         level = logging.ERROR if error.status >= 500 else logging.INFO
         detail = f" [{error.detail}]" if error.detail else ""
         log.log(
             level, "refused POST /token: %s %s%s (request %s)", error.error, error.description, detail, rid
         )
-        return self._respond(error.status, error.to_json(), rid, list(error.headers().items()))
+        return error_answer(error, [("X-Request-Id", rid)])
 
     @staticmethod
     def _respond(status: int, body: object, rid: str, extra: list[tuple[str, str]]) -> HttpResponse:
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        headers = [
-            ("Content-Type", "application/json"),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("X-Request-Id", rid),
-            *extra,
-        ]
-        return HttpResponse(status, headers, payload)
+        return json_response(status, body, [("X-Request-Id", rid), *extra])
