@@ -1,8 +1,13 @@
 """Who is calling a JSON endpoint (tasks, introspection, revocation, admin): authenticated callers.
 
-A caller proves its identity with its JWT-SVID as a bearer token (``Authorization: Bearer``, audience
-= our issuer), verified by the same :class:`~sts.svid.JwtSvidVerifier` as subject tokens (mTLS comes
-with the TLS listener). Admin endpoints additionally require the caller's SPIFFE ID in ``admins``.
+A caller proves its identity one of three ways, verified like subject tokens: its JWT-SVID as a bearer
+token (RFC 6750 §2.1 ``Authorization: Bearer``, audience = our issuer); on the form endpoints
+(introspection, revocation) its JWT-SVID as a ``jwt-spiffe`` client assertion
+(draft-ietf-oauth-spiffe-client-auth, :mod:`sts.client_auth`); or, on the TLS listener, its X.509-SVID
+as TLS client certificate. Sending an Authorization header and a client assertion is two methods in
+one request, refused (RFC 6749 §2.3, §5.2 ``invalid_request``), as is a client assertion on a
+connection that presented a client certificate. Admin endpoints additionally require the caller's
+SPIFFE ID in ``admins``.
 
 Knows nothing of HTTP beyond the header value it is handed; must not import Flask.
 """
@@ -15,7 +20,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from sts.errors import AccessDenied, InvalidCallerToken, InvalidToken
+from sts.client_auth import has_client_assertion, verify_client_assertion
+from sts.errors import AccessDenied, InvalidCallerToken, InvalidRequest, InvalidToken
 from sts.spiffeid import SpiffeId
 from sts.store import Store
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
@@ -25,7 +31,7 @@ BEARER_PREFIX = "bearer "
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated caller and how it authenticated (``spiffe_jwt``; later ``spiffe_x509``)."""
+    """An authenticated caller and how it authenticated (``spiffe_jwt`` or ``spiffe_x509``)."""
 
     spiffe_id: SpiffeId
     method: str
@@ -47,10 +53,22 @@ class CallerAuthenticator:
         authorization: str | None,
         *,
         client_certificates: Sequence[x509.Certificate] = (),
+        client_assertion: str | None = None,
+        client_assertion_type: str | None = None,
         now: float | None = None,
     ) -> Caller:
-        """RFC 6750 §2.1 ``Bearer <JWT-SVID>`` whose audience is this issuer, or else the TLS client's
-        X.509-SVID (on the TLS listener)."""
+        """RFC 6750 §2.1 ``Bearer <JWT-SVID>`` whose audience is this issuer, or a ``jwt-spiffe`` client
+        assertion (raising :class:`~sts.errors.InvalidClient` when it fails), or else the TLS
+        client's X.509-SVID (on the TLS listener)."""
+        if has_client_assertion(client_assertion, client_assertion_type):
+            if authorization:
+                raise InvalidRequest(
+                    "authenticate one way: an Authorization header or a client_assertion, not both"
+                )
+            if client_certificates:
+                raise InvalidRequest("authenticate one way: TLS certificate or client assertion, not both")
+            svid = verify_client_assertion(self._verifier, client_assertion, client_assertion_type, now=now)
+            return self._not_cut_off(Caller(svid.spiffe_id, "spiffe_jwt"), now)
         if not authorization and client_certificates:
             try:
                 certificate = self._x509.verify(client_certificates, now=now)

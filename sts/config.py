@@ -148,6 +148,9 @@ class Settings:
     server: ServerSettings
     log_level: str
     source: str = "<defaults>"
+    # The base URL of this issuer's TLS (mTLS) listener, when it has one: RFC 8705 §5
+    # ``mtls_endpoint_aliases`` point there, from both listeners' (identical) metadata.
+    mtls_url: str | None = None
 
 
 class _Tree:
@@ -299,6 +302,7 @@ def parse_duration(value: object) -> int | None:
 # Environment overrides: variable → dotted key. Values are YAML scalars (so STS_LISTEN_PORT=9000 is a number).
 ENV_OVERRIDES: Mapping[str, str] = {
     "STS_ISSUER": "issuer",
+    "STS_MTLS_URL": "mtls_url",
     "STS_LISTEN_HOST": "listen.host",
     "STS_LISTEN_PORT": "listen.port",
     "STS_STORE_URL": "store.url",
@@ -365,6 +369,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
 
     issuer = top.get("issuer", str, f"http://{host}:{port}")
     _check_issuer(top, issuer)
+    mtls_url = _mtls_url(top, tls)
 
     trust_domains = _trust_domains(top.section("trust_domains"), base)
 
@@ -458,6 +463,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         server=server,
         log_level=log_level,
         source=tree.source,
+        mtls_url=mtls_url,
     )
 
 
@@ -521,6 +527,26 @@ def _workload_api(
         )
     section.done()
     return settings
+
+
+def _mtls_url(top: _Section, tls: TlsSettings | None) -> str | None:
+    """``mtls_url``: where this issuer's TLS listener is, so the metadata can name it (RFC 8705 §5).
+
+    Both listeners of one issuer serve one metadata document (RFC 8414 §3), so the plain listener's
+    configuration names the TLS listener's public URL here; on the TLS listener it defaults to
+    ``listen.tls.public_url`` and, if given, must be that URL.
+    """
+    if not top.has("mtls_url"):
+        return tls.public_url if tls is not None else None
+    value = top.get("mtls_url", str, "")
+    parts = split_uri(value)
+    if parts is None or parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        top.fail("mtls_url", "must be the https URL of the TLS listener, without query or fragment")
+    if value.endswith("/"):
+        top.fail("mtls_url", "must not end with '/' (the endpoint paths are appended to it)")
+    if tls is not None and value != tls.public_url:
+        top.fail("mtls_url", f"must equal listen.tls.public_url ({tls.public_url}) on the TLS listener")
+    return value
 
 
 def _check_issuer(top: _Section, issuer: str) -> None:

@@ -111,11 +111,12 @@ def run(state_dir: Path, port: int, registration: Path = DEMO_REGISTRATION) -> i
 
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_rotate)
-    config = dev_config(registry, api, state_dir, port)
+    # The same STS (same issuer, keys, store, policies) on a second port, with TLS and client
+    # certificates; the plain listener names it (mtls_url), so both serve one metadata document.
+    tls_port = port + 1
+    config = dev_config(registry, api, state_dir, port) | {"mtls_url": f"https://localhost:{tls_port}"}
     config_path = state_dir / "sts.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    # The same STS (same issuer, keys, store, policies) on a second port, with TLS and client certificates.
-    tls_port = port + 1
     tls_config = {
         **config,
         "listen": {

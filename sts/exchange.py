@@ -37,6 +37,7 @@ from cryptography import x509
 from sts.audit import AuditLog
 from sts.binding import DpopProof, DpopVerifier, certificate_thumbprint
 from sts.catalog import Catalog, CatalogEntry, is_scope_token
+from sts.client_auth import has_client_assertion, verify_client_assertion
 from sts.config import LimitSettings
 from sts.errors import (
     InvalidClient,
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
-CLIENT_ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
 REQUESTABLE_TOKEN_TYPES = (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT)
 PARTY_TOKEN_TYPES = (TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN)
 MULTI_VALUED = frozenset({"audience", "resource"})
@@ -496,7 +496,7 @@ class TokenExchange:
 
     def _authenticate_client(self, request: ExchangeRequest, now: float) -> ClientIdentity | None:
         """mTLS with an X.509-SVID, or a ``jwt-spiffe`` client assertion (a JWT-SVID for this issuer only)."""
-        assertion = request.client_assertion is not None or request.client_assertion_type is not None
+        assertion = has_client_assertion(request.client_assertion, request.client_assertion_type)
         if request.client_certificates:
             if assertion:
                 raise InvalidRequest("authenticate the client one way: TLS certificate or client assertion")
@@ -508,16 +508,9 @@ class TokenExchange:
             return ClientIdentity(certificate.spiffe_id, "spiffe_x509", thumbprint)
         if not assertion:
             return None
-        if request.client_assertion is None or request.client_assertion_type is None:
-            raise InvalidClient("client_assertion and client_assertion_type go together")
-        if request.client_assertion_type != CLIENT_ASSERTION_TYPE_JWT_SPIFFE:
-            raise InvalidClient(f"client_assertion_type must be {CLIENT_ASSERTION_TYPE_JWT_SPIFFE}")
-        try:
-            svid = self.verifier.verify(request.client_assertion, now=now)
-        except InvalidToken as e:
-            raise InvalidClient(f"client_assertion: {e.description}") from e
-        if svid.audience != (self.issuer,):
-            raise InvalidClient("client_assertion: audience must be this issuer only")
+        svid = verify_client_assertion(
+            self.verifier, request.client_assertion, request.client_assertion_type, now=now
+        )
         if request.client_assertion in (request.subject_token, request.actor_token):
             # Replaying the subject's own bearer SVID proves nothing more than holding it.
             raise InvalidClient("client_assertion must be a JWT-SVID of its own, not the subject or actor")

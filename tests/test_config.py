@@ -91,6 +91,13 @@ def test_defaults_trust_nothing(tmp_path: Path) -> None:
             "trust_domains:\n  example.org: {bundle_file: a.json}\n  spiffe://example.org: {bundle_file: b.json}\n",
             "names trust domain example.org a second time",
         ),
+        ("mtls_url: http://localhost:8444\n", "'mtls_url' must be the https URL of the TLS listener"),
+        ("mtls_url: https://localhost:8444/\n", "'mtls_url' must not end with '/'"),
+        ("mtls_url: 'https://localhost:8444?x=1'\n", "'mtls_url' must be the https URL"),
+        (
+            "mtls_url: https://a.test:1\nlisten: {tls: {cert: c.pem, key: k.pem, public_url: 'https://b.test:2'}}\n",
+            "'mtls_url' must equal listen.tls.public_url (https://b.test:2)",
+        ),
     ],
     ids=[
         "unknown-top-key",
@@ -124,6 +131,10 @@ def test_defaults_trust_nothing(tmp_path: Path) -> None:
         "tls-svid-without-socket",
         "tls-bad-certificate-source",
         "same-trust-domain-twice",
+        "mtls-url-not-https",
+        "mtls-url-trailing-slash",
+        "mtls-url-query",
+        "mtls-url-not-the-tls-listener",
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -176,3 +187,14 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_bad_environment_override_is_blamed_on_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="environment STS_ISSUER: 'issuer' must use https"):
         load_settings(write(tmp_path, "{}\n"), environ={"STS_ISSUER": "http://sts.example.org"})
+
+
+def test_mtls_url_names_the_tls_listener(tmp_path: Path) -> None:
+    """RFC 8705 §5 aliases: the plain listener learns the TLS one from mtls_url; the TLS one knows itself."""
+    assert load_settings(write(tmp_path, "{}\n"), environ={}).mtls_url is None
+    plain = load_settings(write(tmp_path, "mtls_url: https://sts.example.org:8444\n"), environ={})
+    assert plain.mtls_url == "https://sts.example.org:8444"
+    tls = "listen: {port: 8444, tls: {cert: c.pem, key: k.pem, public_url: 'https://sts.example.org:8444/'}}\n"
+    assert load_settings(write(tmp_path, tls), environ={}).mtls_url == "https://sts.example.org:8444"
+    from_env = load_settings(write(tmp_path, "{}\n"), environ={"STS_MTLS_URL": "https://m.example.org"})
+    assert from_env.mtls_url == "https://m.example.org"

@@ -32,10 +32,10 @@ from cryptography import x509
 from sts.binding import DpopKey
 from sts.callers import Caller
 from sts.catalog import TokenClass
+from sts.client_auth import CLIENT_ASSERTION_TYPE_JWT_SPIFFE
 from sts.config import load_settings
 from sts.errors import InvalidRequest, InvalidTarget
 from sts.exchange import (
-    CLIENT_ASSERTION_TYPE_JWT_SPIFFE,
     GRANT_TYPE_TOKEN_EXCHANGE,
     TOKEN_TYPE_ACCESS_TOKEN,
     TOKEN_TYPE_JWT,

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +78,20 @@ def test_dev_json_describes_the_environment(dev: DevEnvironment) -> None:
     assert description["workloads"]["partner"]["spiffe_id"].startswith("spiffe://partner.test/")
     for workload in description["workloads"].values():
         assert workload["socket"].startswith(f"unix://{dev.state_dir}/")
+
+
+def test_both_listeners_serve_the_issuers_one_metadata_document(dev: DevEnvironment) -> None:
+    """RFC 8414 §3 and RFC 8705 §5: the TLS listener is named by the aliases, and serves the same bytes."""
+    mtls_token_endpoint = dev.description["mtls_token_endpoint"]
+    tls_base = mtls_token_endpoint.removesuffix("/token")
+    well_known = "/.well-known/oauth-authorization-server"
+    plain = requests.get(dev.description["issuer"] + well_known, timeout=5)
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as ca:
+        ca.write(dev.description["server_ca"])
+        ca.flush()
+        tls = requests.get(tls_base + well_known, verify=ca.name, timeout=5)
+    assert plain.content == tls.content
+    assert plain.json()["mtls_endpoint_aliases"]["token_endpoint"] == mtls_token_endpoint
 
 
 def issued_claims(dev: DevEnvironment, response: requests.Response, audience: str) -> dict[str, Any]:

@@ -9,9 +9,12 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import NotFound
 
 from sts.binding import DPOP_ALGORITHMS
+from sts.callers import Caller
 from sts.catalog import TokenClass
+from sts.client_auth import CLIENT_ASSERTION_TYPE_JWT_SPIFFE
+from sts.config import Settings
 from sts.errors import InvalidCallerToken, InvalidClient, InvalidRequest
-from sts.exchange import CLIENT_ASSERTION_TYPE_JWT_SPIFFE, GRANT_TYPE_TOKEN_EXCHANGE
+from sts.exchange import GRANT_TYPE_TOKEN_EXCHANGE
 from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
 from sts.web.common import services
 from sts.web.http import client_certificate_chain, parse_form, read_wsgi_body
@@ -28,6 +31,16 @@ def read_form() -> dict[str, list[str]]:
     )
 
 
+def _single(form: dict[str, list[str]], name: str) -> str | None:
+    """RFC 6749 §3.2: parameters must not be included more than once."""
+    values = form.get(name)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise InvalidRequest(f"send '{name}' once")
+    return values[0]
+
+
 def _token_parameter(form: dict[str, list[str]]) -> str:
     """RFC 7662 §2.1 / RFC 7009 §2.1: exactly one ``token``; ``token_type_hint`` may be ignored."""
     values = form.get("token", [])
@@ -36,15 +49,33 @@ def _token_parameter(form: dict[str, list[str]]) -> str:
     return values[0]
 
 
+def _authenticate_form_caller(form: dict[str, list[str]]) -> Caller:
+    """The caller of a form endpoint: Bearer JWT-SVID, ``jwt-spiffe`` client assertion or mTLS.
+
+    A ``client_id`` (RFC 6749 §2.2; optional with an assertion, RFC 7521 §4.2) must be the SPIFFE ID
+    that authenticated.
+    """
+    caller = services().callers.authenticate(
+        request.headers.get("Authorization"),
+        client_certificates=client_certificate_chain(request.environ),
+        client_assertion=_single(form, "client_assertion"),
+        client_assertion_type=_single(form, "client_assertion_type"),
+    )
+    client_id = _single(form, "client_id")
+    if client_id is not None and client_id != str(caller.spiffe_id):
+        raise InvalidClient("client_id does not match the authenticated client")
+    return caller
+
+
 @oauth.post("/introspect")
 def introspect() -> Response:
-    """RFC 7662: the caller (a resource server's JWT-SVID as bearer) asks whether a token is active."""
-    sts = services()
-    caller = sts.callers.authenticate(
-        request.headers.get("Authorization"), client_certificates=client_certificate_chain(request.environ)
-    )
-    token = _token_parameter(read_form())
-    return jsonify(sts.introspection.introspect(caller, token, request_id=g.request_id))
+    """RFC 7662: a resource server (Bearer JWT-SVID, client assertion or mTLS) asks whether a token is
+    active. A failed bearer token is ``invalid_token`` (§2.3 via RFC 6750), a failed client
+    assertion ``invalid_client`` (§2.3 via RFC 6749 §5.2)."""
+    form = read_form()
+    caller = _authenticate_form_caller(form)
+    token = _token_parameter(form)
+    return jsonify(services().introspection.introspect(caller, token, request_id=g.request_id))
 
 
 @oauth.post("/revoke")
@@ -54,52 +85,67 @@ def revoke() -> Response:
     The caller is the client of RFC 7009 §2.1: failing to authenticate it is ``invalid_client``
     (§2.2.1), with a Bearer challenge only when it sent a Bearer credential.
     """
-    sts = services()
+    form = read_form()
     authorization = request.headers.get("Authorization")
     try:
-        caller = sts.callers.authenticate(
-            authorization, client_certificates=client_certificate_chain(request.environ)
-        )
+        caller = _authenticate_form_caller(form)
     except InvalidCallerToken as e:
         scheme = "Bearer" if authorization and not e.missing else None
         raise InvalidClient(e.description, detail=e.detail, scheme=scheme) from e
-    sts.introspection.revoke(caller, _token_parameter(read_form()), request_id=g.request_id)
+    services().introspection.revoke(caller, _token_parameter(form), request_id=g.request_id)
     return Response(status=200)
 
 
 @oauth.get("/.well-known/oauth-authorization-server")
 def metadata() -> Response:
-    """RFC 8414 authorization server metadata: every endpoint this server offers."""
-    settings = services().settings
-    issuer = settings.issuer
-    tls = settings.listen.tls
-    scopes = sorted({scope for entry in settings.catalog for scope in entry.scopes})
-    response = jsonify(
-        {
-            "issuer": issuer,
-            "token_endpoint": f"{issuer}/token",
-            "jwks_uri": f"{issuer}/jwks.json",
-            "introspection_endpoint": f"{issuer}/introspect",
-            "revocation_endpoint": f"{issuer}/revoke",
-            "introspection_endpoint_auth_methods_supported": ["spiffe_jwt"]
-            + (["spiffe_x509"] if tls else []),
-            "revocation_endpoint_auth_methods_supported": ["spiffe_jwt"] + (["spiffe_x509"] if tls else []),
-            "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
-            "tls_client_certificate_bound_access_tokens": True,
-            "tool_jwks_uri": f"{issuer}/jwks/tool.json",
-            "data_jwks_uri": f"{issuer}/jwks/data.json",
-            "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
-            "response_types_supported": [],
-            "token_endpoint_auth_methods_supported": ["none", "spiffe_jwt"]
-            + (["spiffe_x509"] if tls else []),
-            "token_endpoint_auth_signing_alg_values_supported": sorted(JWT_SVID_ALGORITHMS),
-            "client_assertion_types_supported": [CLIENT_ASSERTION_TYPE_JWT_SPIFFE],
-            "scopes_supported": scopes,
-            "access_token_signing_alg_values_supported": [settings.keys.algorithm],
-        }
-    )
+    """RFC 8414 authorization server metadata: this issuer's one document (:func:`metadata_document`)."""
+    response = jsonify(metadata_document(services().settings))
     response.headers["Cache-Control"] = "public, max-age=300"
     return response
+
+
+def metadata_document(settings: Settings) -> dict[str, Any]:
+    """RFC 8414 §2 metadata, identical on the plain and the TLS listener of one issuer (§3).
+
+    With a TLS listener (``mtls_url``), RFC 8705 §5 ``mtls_endpoint_aliases`` name its token,
+    introspection and revocation endpoints, ``spiffe_x509`` joins every auth-method list and
+    certificate-bound tokens are announced (§3.3). Auth-method names follow
+    draft-ietf-oauth-spiffe-client-auth (``spiffe_jwt``, ``spiffe_x509``);
+    ``client_assertion_types_supported`` and the per-class JWKS URIs are extensions of this server,
+    not registered metadata.
+    """
+    issuer = settings.issuer
+    mtls = settings.mtls_url
+    client_methods = ["spiffe_jwt"] + (["spiffe_x509"] if mtls else [])
+    document: dict[str, Any] = {
+        "issuer": issuer,
+        "token_endpoint": f"{issuer}/token",
+        "jwks_uri": f"{issuer}/jwks.json",
+        "introspection_endpoint": f"{issuer}/introspect",
+        "revocation_endpoint": f"{issuer}/revoke",
+        "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
+        "response_types_supported": [],
+        "scopes_supported": sorted({scope for entry in settings.catalog for scope in entry.scopes}),
+        "token_endpoint_auth_methods_supported": ["none", *client_methods],
+        "token_endpoint_auth_signing_alg_values_supported": sorted(JWT_SVID_ALGORITHMS),
+        "introspection_endpoint_auth_methods_supported": client_methods,
+        "introspection_endpoint_auth_signing_alg_values_supported": sorted(JWT_SVID_ALGORITHMS),
+        "revocation_endpoint_auth_methods_supported": client_methods,
+        "revocation_endpoint_auth_signing_alg_values_supported": sorted(JWT_SVID_ALGORITHMS),
+        "client_assertion_types_supported": [CLIENT_ASSERTION_TYPE_JWT_SPIFFE],
+        "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
+        "tls_client_certificate_bound_access_tokens": mtls is not None,
+        "access_token_signing_alg_values_supported": [settings.keys.algorithm],
+        "tool_jwks_uri": f"{issuer}/jwks/tool.json",
+        "data_jwks_uri": f"{issuer}/jwks/data.json",
+    }
+    if mtls is not None:
+        document["mtls_endpoint_aliases"] = {
+            "token_endpoint": f"{mtls}/token",
+            "introspection_endpoint": f"{mtls}/introspect",
+            "revocation_endpoint": f"{mtls}/revoke",
+        }
+    return document
 
 
 @oauth.get("/jwks.json")
