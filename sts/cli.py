@@ -18,6 +18,7 @@ from pathlib import Path
 from sts.config import CONFIG_ENV, Settings, load_settings
 from sts.errors import ConfigError, StsError
 from sts.logsafe import configure_logging
+from sts.netcheck import check_port_free
 from sts.policy import BINDINGS, CLIENT_AUTH_METHODS
 
 log = logging.getLogger("sts")
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except ConfigError as e:
         print(f"sts: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (StsError, OSError) as e:  # a start-up failure (keys, store, bundles): one line, no traceback
+        print(f"sts: cannot start: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
 
@@ -105,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
     from sts.runtime import build_services
 
     settings = _settings(args.config)
-    _check_address_free(settings)
+    check_port_free(settings.listen.host, settings.listen.port, "listen.port")
     services = build_services(settings, connect=False)  # checks everything; workers connect themselves
     services.close()
     if settings.listen.tls is not None:
@@ -125,36 +129,20 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_address_free(settings: Settings) -> None:
-    """Refuse to start on an address someone else listens on.
-
-    A server bound with SO_REUSEPORT (granian did) would otherwise start "normally" next to another
-    one and the kernel would split connections between two different servers.
-    """
-    import socket
-
-    host, port = settings.listen.host, settings.listen.port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        socket.create_server((host, port), family=family, reuse_port=False).close()
-    except OSError as e:
-        raise ConfigError(
-            f"listen.port: cannot listen on {host}:{port}: {e.strerror} (set listen.port or --port)"
-        ) from e
-
-
 def _uvicorn(settings: Settings) -> None:
     """uvicorn (httptools on uvloop), one event loop per worker, with the deadlines of ``server:``.
 
     ``limit_concurrency`` bounds the connections a worker holds (slow ones included): past it
-    uvicorn answers 503 at once instead of queueing. HTTP/1.1 only; no websockets.
+    uvicorn answers 503 at once instead of queueing. HTTP/1.1 only; no websockets. On SIGINT or
+    SIGTERM requests in flight get ``server.drain_timeout`` to finish; the supervisor then kills any
+    worker still alive (uvicorn's own supervisor would wait for it forever).
     """
     import uvicorn
 
     from sts.web.asgi import DeadlineHttpToolsProtocol
 
     server = settings.server
-    uvicorn.run(
+    config = uvicorn.Config(
         "sts.web.asgi:create_asgi_app_from_env",
         factory=True,
         host=settings.listen.host,
@@ -170,8 +158,18 @@ def _uvicorn(settings: Settings) -> None:
         limit_concurrency=server.max_connections,
         backlog=min(max(1024, server.max_connections), 65535),
         timeout_keep_alive=server.header_timeout,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=server.drain_timeout,
     )
+    if server.workers == 1:
+        uvicorn.Server(config).run()
+        return
+    from sts.web.supervisor import BoundedMultiprocess
+
+    sock = config.bind_socket()
+    try:
+        BoundedMultiprocess(config, sockets=[sock], drain_seconds=server.drain_timeout).run()
+    finally:
+        sock.close()
 
 
 def _policy_check(args: argparse.Namespace) -> int:

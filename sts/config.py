@@ -128,6 +128,8 @@ class ServerSettings:
     handshake_timeout: int = 5
     # Requests in flight (or connections being read) per worker before new ones wait in the backlog.
     max_connections: int = 4096
+    # On SIGTERM/SIGINT: how long requests in flight may take to finish before workers are killed.
+    drain_timeout: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +440,10 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         body_timeout=server_section.duration("body_timeout", 10),
         handshake_timeout=server_section.duration("handshake_timeout", 5),
         max_connections=server_section.positive("max_connections", 4096),
+        drain_timeout=server_section.duration("drain_timeout", 10),
     )
+    if not 1 <= server.drain_timeout <= 300:
+        server_section.fail(server_section.key("drain_timeout"), "must be between 1 and 300 seconds")
     server_section.done()
 
     log_level = top.get("log_level", str, "INFO").upper()

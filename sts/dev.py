@@ -9,6 +9,7 @@ the sockets; SIGUSR1 rotates the development CA of the main trust domain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives import serialization
 import spire
 from spire.registry import Registry
 from spire.server import DevWorkloadApi
+from sts.dev_lock import StateDirLock
+from sts.netcheck import check_port_free
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ DEMO_POLICIES = Path(__file__).resolve().parent / "demo" / "policies"
 DEMO_WORKLOADS = ("agent", "orchestrator", "tool", "data", "admin", "partner")
 STS_WORKLOAD = "sts"
 READY_TIMEOUT_SECONDS = 60.0
+DRAIN_SECONDS = 10  # server.drain_timeout of both servers (the default)
+STOP_MARGIN_SECONDS = 5.0  # after the drain: the servers' own kill of late workers, and exit
 DEMO_CATALOG = [
     {
         "id": "tool:web-search",
@@ -73,7 +78,7 @@ def dev_config(registry: Registry, api: DevWorkloadApi, state_dir: Path, port: i
         "catalog": DEMO_CATALOG,
         "policy": {"dir": str(DEMO_POLICIES)},
         "audit": {"path": str(state_dir / "audit.jsonl")},
-        "server": {"workers": 1},
+        "server": {"workers": 1, "drain_timeout": DRAIN_SECONDS},
     }
 
 
@@ -94,20 +99,39 @@ def dev_description(registry: Registry, api: DevWorkloadApi, port: int) -> dict[
 
 
 def run(state_dir: Path, port: int, registration: Path = DEMO_REGISTRATION) -> int:
-    """Run until a signal; returns the exit code (non-zero when the STS could not start or died)."""
+    """Run until a signal; returns the exit code (non-zero when the STS could not start or died).
+
+    Raises :class:`~sts.errors.ConfigError` (exit 2) before touching anything when another
+    ``sts dev`` holds ``state_dir`` or a port is taken.
+    """
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    with StateDirLock(state_dir):
+        for listener_port in (port, port + 1):
+            check_port_free("127.0.0.1", listener_port, "--port (sts dev uses --port and --port + 1)")
+        return _run_locked(state_dir, port, registration)
+
+
+def _run_locked(state_dir: Path, port: int, registration: Path) -> int:
     registry = Registry.load(registration)
     stop = threading.Event()
     api = DevWorkloadApi(registry, state_dir / "sockets")
     api.start()
+    description_path = state_dir / "dev.json"
+    description: dict[str, Any] = {}
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    def rotate() -> None:
+        api.rotate_ca()
+        if description:  # the STS is ready: clients reading server_ca must see the new CA
+            description["server_ca"] = _server_ca(registry, api)
+            _write_atomically(description_path, json.dumps(description, indent=2) + "\n")
+
     def on_rotate(signum: int, frame: FrameType | None) -> None:
         log.info("SIGUSR1: rotating the development CA of %s", registry.trust_domain)
-        threading.Thread(target=api.rotate_ca, daemon=True).start()
+        threading.Thread(target=rotate, daemon=True).start()
 
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_rotate)
@@ -127,25 +151,24 @@ def run(state_dir: Path, port: int, registration: Path = DEMO_REGISTRATION) -> i
     }
     tls_config_path = state_dir / "sts-tls.yaml"
     tls_config_path.write_text(yaml.safe_dump(tls_config, sort_keys=False))
-    server_ca = b"".join(
-        c.public_bytes(serialization.Encoding.PEM)
-        for c in api.state.ca(registry.trust_domain).x509_authorities()
-    ).decode("ascii")
-    description_path = state_dir / "dev.json"
+    # Each server in a process group of its own: a stop signal reaches it once, from here, and
+    # whatever of it survives the drain deadline is killed as a group.
     children = [
-        subprocess.Popen([sys.executable, "-m", "sts.cli", "serve", "--config", str(path)])  # noqa: S603
+        subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "sts.cli", "serve", "--config", str(path)], start_new_session=True
+        )
         for path in (config_path, tls_config_path)
     ]
     try:
+        server_ca = _server_ca(registry, api)
         ready = _wait_ready(f"http://127.0.0.1:{port}/readyz", children[0], stop, None) and _wait_ready(
             f"https://localhost:{tls_port}/readyz", children[1], stop, server_ca
         )
         if not ready:
             return 1 if not stop.is_set() else 0
-        description = dev_description(registry, api, port) | {
-            "mtls_token_endpoint": f"https://localhost:{tls_port}/token",
-            "server_ca": server_ca,
-        }
+        description.update(dev_description(registry, api, port))
+        description["mtls_token_endpoint"] = f"https://localhost:{tls_port}/token"
+        description["server_ca"] = _server_ca(registry, api)
         _write_atomically(description_path, json.dumps(description, indent=2) + "\n")
         _print_welcome(description_path, api, port)
         while not stop.wait(0.5):
@@ -154,12 +177,35 @@ def run(state_dir: Path, port: int, registration: Path = DEMO_REGISTRATION) -> i
                 return 1
         return 0
     finally:
+        description.clear()
         description_path.unlink(missing_ok=True)
         for child in children:
-            _stop_child(child)
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            _reap_group(child, DRAIN_SECONDS + STOP_MARGIN_SECONDS)
         api.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _server_ca(registry: Registry, api: DevWorkloadApi) -> str:
+    """PEM of every X.509 authority of the main trust domain (old and new while a rotation runs)."""
+    return b"".join(
+        c.public_bytes(serialization.Encoding.PEM)
+        for c in api.state.ca(registry.trust_domain).x509_authorities()
+    ).decode("ascii")
+
+
+def _reap_group(child: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for ``child`` to stop by itself, then SIGKILL its whole process group (workers included)."""
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.error("the STS process %d did not stop within %.0fs; killing it", child.pid, timeout)  # noqa: TRY400
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)  # a worker that outlived its supervisor
+    child.wait()
 
 
 def _wait_ready(url: str, child: subprocess.Popen[bytes], stop: threading.Event, ca: str | None) -> bool:
@@ -185,16 +231,6 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
-
-
-def _stop_child(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 def _print_welcome(description_path: Path, api: DevWorkloadApi, port: int) -> None:

@@ -50,7 +50,16 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevEnvironment]:
     state_dir = tmp_path_factory.mktemp("dev")
     log = (state_dir / "dev.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "sts.cli", "dev", "--state-dir", str(state_dir), "--port", str(free_port_pair())],
+        [
+            sys.executable,
+            "-m",
+            "sts.cli",
+            "dev",
+            "--state-dir",
+            str(state_dir),
+            "--port",
+            str(free_port_pair()),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -129,6 +138,114 @@ def test_ca_rotation_needs_no_restart(dev: DevEnvironment) -> None:
         time.sleep(0.1)
     assert issued_claims(dev, response, "tool:web-search")["sub"] == "spiffe://example.org/agent/researcher"
     assert dev.process.poll() is None
+
+
+def test_ca_rotation_rewrites_dev_json_for_tls_clients(dev: DevEnvironment) -> None:
+    """SIGUSR1: dev.json's server_ca gains the new CA (written atomically), so TLS clients keep working."""
+    before = json.loads((dev.state_dir / "dev.json").read_text())["server_ca"]
+    dev.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 15
+    while (after := json.loads((dev.state_dir / "dev.json").read_text())["server_ca"]) == before:
+        assert time.monotonic() < deadline, "dev.json was not rewritten after the CA rotation"
+        time.sleep(0.05)
+    assert after.count("BEGIN CERTIFICATE") > before.count("BEGIN CERTIFICATE")
+    tls_base = dev.description["mtls_token_endpoint"].removesuffix("/token")
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as ca:
+        ca.write(after)
+        ca.flush()
+        assert requests.get(tls_base + "/healthz", verify=ca.name, timeout=5).status_code == 200
+
+
+def test_a_second_instance_on_the_same_state_dir_is_refused(dev: DevEnvironment) -> None:
+    """Item 3 of issue 13: the lock file names the live instance; nothing of it is touched."""
+    sockets_before = sorted((dev.state_dir / "sockets").glob("*.sock"))
+    description_before = (dev.state_dir / "dev.json").read_text()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sts.cli",
+            "dev",
+            "--state-dir",
+            str(dev.state_dir),
+            "--port",
+            str(free_port_pair()),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"is in use by a running sts dev (pid {dev.process.pid})" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted((dev.state_dir / "sockets").glob("*.sock")) == sockets_before
+    assert (dev.state_dir / "dev.json").read_text() == description_before
+    assert dev.exchange(dev.svid("agent"), "tool:web-search", "invoke").status_code == 200
+
+
+def test_a_busy_port_is_refused_before_anything_starts(dev: DevEnvironment, tmp_path: Path) -> None:
+    port = int(dev.description["issuer"].rsplit(":", 1)[1])
+    for taken in (port, port - 1):  # the plain port itself, and a TLS port (port + 1) in use
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sts.cli",
+                "dev",
+                "--state-dir",
+                str(tmp_path / str(taken)),
+                "--port",
+                str(taken),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "cannot listen on 127.0.0.1:" in result.stderr and "--port" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / str(taken) / "sockets").exists()
+
+
+def _describes_a_live_instance(path: Path) -> bool:
+    try:
+        return "issuer" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def test_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
+    """A lock file whose owner died (no flock held) is provably stale: a new sts dev starts."""
+    state_dir = tmp_path / "dev"
+    state_dir.mkdir()
+    (state_dir / "dev.lock").write_text("999999\n")
+    (state_dir / "dev.json").write_text("{}")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sts.cli",
+            "dev",
+            "--state-dir",
+            str(state_dir),
+            "--port",
+            str(free_port_pair()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _describes_a_live_instance(state_dir / "dev.json"):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert (state_dir / "dev.lock").read_text().strip() == str(process.pid)
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    assert not (state_dir / "dev.lock").exists()
 
 
 def test_ctrl_c_stops_everything_and_removes_the_sockets(dev: DevEnvironment) -> None:

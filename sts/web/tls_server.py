@@ -395,6 +395,7 @@ class _Supervisor:
                 os.kill(pid, signum)
 
 
-def serve_tls(config_path: Path, settings: Settings, *, drain_seconds: float = 10.0) -> int:
-    """``sts serve`` with ``listen.tls``: ``server.workers`` pre-forked workers on one socket."""
-    return _Supervisor(config_path, settings, drain_seconds).run()
+def serve_tls(config_path: Path, settings: Settings) -> int:
+    """``sts serve`` with ``listen.tls``: ``server.workers`` pre-forked workers on one socket; on a
+    signal they drain for ``server.drain_timeout`` and whatever is still alive then is killed."""
+    return _Supervisor(config_path, settings, settings.server.drain_timeout).run()
