@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit clean bench bench-peer system-deps
+.PHONY: run test lint typecheck unit clean bench bench-peer system-deps node-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) system-deps
+unit: $(STAMP) system-deps node-deps
 	$(BIN)/pytest
 
 ## system-deps: what the tests run besides Python (redis-server), from Debian's packages when missing
@@ -36,6 +36,18 @@ system-deps:
 	  echo "installing redis-server (the store tests start their own)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -q --no-install-recommends redis-server; }
+
+## node-deps: the pinned npm clients the interop tests drive (tests/interop/package-lock.json, `npm ci`);
+## reinstalled only when the lock file is newer than the install (node_modules/.package-lock.json)
+INTEROP := tests/interop
+NODE_STAMP := $(INTEROP)/node_modules/.package-lock.json
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): $(INTEROP)/package-lock.json $(INTEROP)/package.json
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "make node-deps needs Node.js >= 20.18.1 with npm (tests/interop drives npm clients)"; exit 2; }
+	cd $(INTEROP) && npm ci --no-audit --no-fund
+	@touch $(NODE_STAMP)
 
 ## bench: the benchmark end to end on loopback (needs wrk); QUICK=1 for about a minute (N=16,64, no peer)
 bench: $(STAMP)
@@ -48,4 +60,4 @@ bench-peer: $(STAMP)
 	$(BIN)/python -m bench --peer
 
 clean:
-	rm -rf $(VENV) state .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) state .mypy_cache .ruff_cache .pytest_cache $(INTEROP)/node_modules

@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import shutil
-import tempfile
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
-from pathlib import Path
 from typing import Any, Protocol
 
 import anyio.to_thread
@@ -56,6 +52,7 @@ from sts.errors import (
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
+from sts.memfile import MemoryFile
 
 log = logging.getLogger(__name__)
 
@@ -313,12 +310,25 @@ class _CacheKey:
 
 @dataclass(frozen=True, slots=True)
 class _TlsIdentity:
-    """The X.509-SVID as files (``ssl`` loads chains only from files) and when to fetch a newer one."""
+    """The X.509-SVID as memory files (``ssl`` loads chains only from paths; the key never touches
+    disk, :mod:`sts.memfile`) and when to fetch a newer one."""
 
-    cert_file: str
-    key_file: str
+    cert: MemoryFile
+    key: MemoryFile
     x5t: str
     refresh_at: float
+
+    @property
+    def cert_file(self) -> str:
+        return self.cert.path
+
+    @property
+    def key_file(self) -> str:
+        return self.key.path
+
+    def close(self) -> None:
+        self.cert.close()
+        self.key.close()
 
 
 class TokenClient:
@@ -368,9 +378,9 @@ class TokenClient:
         self._flights: dict[_CacheKey, threading.Lock] = {}
         self._task_epochs: dict[str, int] = {}
         self._tls: _TlsIdentity | None = None
+        self._previous_tls: _TlsIdentity | None = None
         self._tls_lock = threading.Lock()
-        self._dir = Path(tempfile.mkdtemp(prefix="sts-client-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._server_ca_memory: MemoryFile | None = None
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -615,7 +625,7 @@ class TokenClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _tls_identity(self) -> _TlsIdentity:
-        """The current X.509-SVID as files in a private directory; re-fetched after half its lifetime."""
+        """The current X.509-SVID in memory files; re-fetched after half its lifetime."""
         now = self._clock()
         with self._tls_lock:
             if self._tls is not None and now < self._tls.refresh_at:
@@ -627,52 +637,58 @@ class TokenClient:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
             x5t = certificate_thumbprint(leaf)
-            # Files are named by thumbprint: a token bound to the previous certificate keeps its files.
-            cert_file = _write_private(self._dir / f"{x5t}.pem", cert_pem)
-            key_file = _write_private(self._dir / f"{x5t}.key", key_pem)
             begins = leaf.not_valid_before_utc.timestamp()
             ends = leaf.not_valid_after_utc.timestamp()
-            self._tls = _TlsIdentity(cert_file, key_file, x5t, refresh_at=begins + (ends - begins) / 2)
-            return self._tls
+            cert, key_file = MemoryFile(cert_pem, "svid.pem"), MemoryFile(key_pem, "svid.key")
+            identity = _TlsIdentity(cert, key_file, x5t, refresh_at=begins + (ends - begins) / 2)
+            # A session may still hold the previous paths for a token bound to the previous
+            # certificate: they stay readable for one more rotation.
+            if self._previous_tls is not None:
+                self._previous_tls.close()
+            self._previous_tls, self._tls = self._tls, identity
+            return identity
 
     def client_certificate_files(self) -> tuple[str, str]:
-        """The X.509-SVID as (certificate chain, key) files: present them with an mTLS-bound token."""
+        """The X.509-SVID as (certificate chain, key) paths: present them with an mTLS-bound token.
+
+        The paths are memory files of this process (``/proc/self/fd/N`` on Linux), valid until the
+        certificate has rotated twice or the client is closed; nothing is written to disk.
+        """
         identity = self._tls_identity()
         return identity.cert_file, identity.key_file
 
     def _server_ca_file(self) -> str:
-        path = self._dir / "server-ca.pem"
-        if not path.exists():
-            if self._server_ca is not None:
-                pem = self._server_ca.encode("ascii")
-            else:
-                authorities = self._svids.x509_authorities()
-                if not authorities:
-                    raise TemporarilyUnavailable("no trust bundle to verify the STS's certificate with")
-                pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
-            _write_private(path, pem)
-        return str(path)
+        with self._tls_lock:
+            if self._server_ca_memory is None:
+                if self._server_ca is not None:
+                    pem = self._server_ca.encode("ascii")
+                else:
+                    authorities = self._svids.x509_authorities()
+                    if not authorities:
+                        raise TemporarilyUnavailable("no trust bundle to verify the STS's certificate with")
+                    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
+                self._server_ca_memory = MemoryFile(pem, "server-ca.pem")
+            return self._server_ca_memory.path
 
     def close(self) -> None:
         if self._owns_session:
             self._session.close()
         if self._owns_svids:
             self._svids.close()
-        self._cleanup()
+        with self._tls_lock:
+            for identity in (self._tls, self._previous_tls):
+                if identity is not None:
+                    identity.close()
+            self._tls = self._previous_tls = None
+            if self._server_ca_memory is not None:
+                self._server_ca_memory.close()
+                self._server_ca_memory = None
 
     def __enter__(self) -> TokenClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _write_private(path: Path, data: bytes) -> str:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.touch(mode=0o600)
-    temporary.write_bytes(data)
-    temporary.replace(path)
-    return str(path)
 
 
 def _json_or_none(response: requests.Response) -> Any:

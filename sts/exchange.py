@@ -293,17 +293,20 @@ class TokenExchange:
             if request.dpop_proof is not None
             else None
         )
-        cnf = _confirmation(dpop, client)
+        proven = _confirmation(dpop, client)
+        # RFC 7800 §3.1: a cnf names one key. With a DPoP proof on an mTLS connection the certificate
+        # authenticates the client and the token is bound to the DPoP key (RFC 9449 §6).
+        cnf = {"jkt": proven["jkt"]} if "jkt" in proven else proven
         binding = "dpop" if dpop else ("mtls" if cnf else "none")
         if cnf:
             trail.fields["binding"] = binding
 
-        subject = self._party(subject_token, subject_token_type, "subject_token", cnf, now)
+        subject = self._party(subject_token, subject_token_type, "subject_token", proven, now)
         trail.fields["spiffe_id"] = str(subject.spiffe_id)
         if subject.issued:
             trail.fields["subject_token_class"] = subject.token_class
         self._check_rate(subject.spiffe_id, now)
-        actor = self._verify_actor(request, client, cnf, now)
+        actor = self._verify_actor(request, client, proven, now)
         if actor is not None:
             trail.fields["actor"] = str(actor.spiffe_id)
         act = self._delegation(subject, actor)

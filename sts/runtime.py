@@ -162,8 +162,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         x509=x509_verifier,
         issued_claims=introspection.active_claims,
         max_delegation_depth=settings.tokens.max_delegation_depth,
-        token_urls=(f"{settings.issuer}/token",)
-        + ((f"{settings.listen.tls.public_url}/token",) if settings.listen.tls else ()),
+        token_urls=_token_urls(settings),
     )
     return Services(
         settings=settings,
@@ -194,3 +193,16 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         ),
         watcher=watcher,
     )
+
+
+def _token_urls(settings: Settings) -> tuple[str, ...]:
+    """RFC 9449 §4.3 step 9: the DPoP ``htu`` must be the URL the request was sent to, so each
+    listener accepts only its own token endpoint. The plain listener serves the issuer's URL; the TLS
+    listener its ``public_url``, and the issuer's URL too when that is https (an ingress may route it
+    there); never a plain-http issuer URL, which only the plain listener can serve."""
+    issuer_endpoint = f"{settings.issuer}/token"
+    if settings.listen.tls is None:
+        return (issuer_endpoint,)
+    own = f"{settings.listen.tls.public_url}/token"
+    routed_here = settings.issuer.startswith("https://") and issuer_endpoint != own
+    return (own, issuer_endpoint) if routed_here else (own,)

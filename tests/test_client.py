@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -431,6 +432,20 @@ def test_mtls_exchange_binds_to_the_workloads_svid(sts_dev: Dev) -> None:
     claims = claims_of(token.value)
     assert claims["cnf"] == {"x5t#S256": certificate_thumbprint(leaf)}
     assert claims["client_id"] == sts_dev.spiffe_id("agent")
+
+
+def test_the_svid_key_never_touches_the_disk(sts_dev: Dev) -> None:
+    """Issue 13 item 4: the client's X.509-SVID and key live in memory files, gone on close; nothing
+    of the client or the TLS listener appears in the temporary directory."""
+    before = {p.name for p in Path(tempfile.gettempdir()).iterdir()}
+    with sts_dev.client() as client:
+        client.token(audience=TOOL, scope="invoke", mtls=True)
+        cert_file, key_file = client.client_certificate_files()
+        assert cert_file.startswith("/proc/self/fd/") and key_file.startswith("/proc/self/fd/")
+        assert b"PRIVATE KEY" in Path(key_file).read_bytes()
+    assert not Path(key_file).exists() or b"PRIVATE KEY" not in Path(key_file).read_bytes()
+    created = {p.name for p in Path(tempfile.gettempdir()).iterdir()} - before
+    assert not {name for name in created if name.startswith("sts-")}, created
 
 
 def test_mtls_server_is_verified_with_the_workloads_trust_bundle(sts_dev: Dev) -> None:

@@ -93,7 +93,7 @@ def revoke() -> Response:
         scheme = "Bearer" if authorization and not e.missing else None
         raise InvalidClient(e.description, detail=e.detail, scheme=scheme) from e
     services().introspection.revoke(caller, _token_parameter(form), request_id=g.request_id)
-    return Response(status=200)
+    return Response(status=200, mimetype="text/plain")  # RFC 7009 §2.2: the body is not read
 
 
 @oauth.get("/.well-known/oauth-authorization-server")

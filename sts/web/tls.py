@@ -16,17 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
 from sts.config import TlsSettings
 from sts.errors import TemporarilyUnavailable
+from sts.memfile import MemoryFile
 from sts.trust import TrustBundle, TrustStore
 from sts.workload_api import WorkloadApiWatcher
 
@@ -92,8 +89,7 @@ class ServerTls:
         """The server certificate and key into ``context``: the configured files, or the own SVID.
 
         ``ssl`` loads a key only from a path, and the SVID's key must never be left on disk: it is
-        written to anonymous memory files (``memfd``, gone with their descriptor, even on SIGKILL),
-        or where those do not exist, to a private temporary directory removed once it is loaded.
+        handed over in :class:`~sts.memfile.MemoryFile` (anonymous memory, gone once loaded).
         """
         if self._settings.cert is not None and self._settings.key is not None:
             context.load_cert_chain(certfile=str(self._settings.cert), keyfile=str(self._settings.key))
@@ -105,30 +101,5 @@ class ServerTls:
         key = own.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        with _private_files(chain, key) as (chain_path, key_path):
-            context.load_cert_chain(certfile=chain_path, keyfile=key_path)
-
-
-@contextmanager
-def _private_files(*contents: bytes) -> Iterator[list[str]]:
-    """Paths that hold ``contents`` only while the block runs; nothing remains after it."""
-    if hasattr(os, "memfd_create"):
-        fds = [os.memfd_create("sts-tls", os.MFD_CLOEXEC) for _ in contents]
-        try:
-            for fd, data in zip(fds, contents, strict=True):
-                with os.fdopen(fd, "wb", closefd=False) as f:
-                    f.write(data)
-            yield [f"/proc/self/fd/{fd}" for fd in fds]
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="sts-tls-") as directory:  # mode 0700
-        paths = []
-        for index, data in enumerate(contents):
-            path = Path(directory) / f"{index}.pem"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            paths.append(str(path))
-        yield paths
+        with MemoryFile(chain, "svid.pem") as chain_file, MemoryFile(key, "svid.key") as key_file:
+            context.load_cert_chain(certfile=chain_file.path, keyfile=key_file.path)

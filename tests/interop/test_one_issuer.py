@@ -16,7 +16,7 @@ import pytest
 import requests
 from cryptography import x509
 
-from sts.binding import certificate_thumbprint
+from sts.binding import DpopKey, certificate_thumbprint
 from sts.client_auth import CLIENT_ASSERTION_TYPE_JWT_SPIFFE
 from tests.authority import TestAuthority
 from tests.conftest import RunningServer
@@ -207,3 +207,52 @@ def test_a_refused_assertion_leaves_the_token_alive(interop: Interop, example_or
         f"{interop.plain.url}/introspect", data=assertion_form(example_org, interop, token), timeout=10
     )
     assert response.json()["active"] is True
+
+
+def test_dpop_on_an_mtls_connection_binds_one_key(interop: Interop, example_org: TestAuthority) -> None:
+    """RFC 7800 §3.1: one key per ``cnf``. The certificate authenticates the client; the DPoP key binds."""
+    key = DpopKey.generate()
+    alias = f"{interop.tls.url}/token"
+    form = {
+        "grant_type": GRANT,
+        "subject_token": example_org.mint(AGENT, interop.issuer),
+        "subject_token_type": JWT_TYPE,
+        "audience": "tool:calc",
+        "scope": "invoke",
+    }
+    response = requests.post(
+        alias,
+        data=form,
+        headers={"DPoP": key.proof("POST", alias)},
+        cert=(str(interop.client_cert), str(interop.client_key)),
+        verify=str(interop.ca),
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert claims["cnf"] == {"jkt": key.jkt}
+    assert claims["client_id"] == AGENT
+    assert response.json()["token_type"] == "DPoP"
+
+
+@pytest.mark.parametrize("listener", ["plain", "tls"])
+def test_a_dpop_proof_for_the_other_listener_is_refused(
+    interop: Interop, example_org: TestAuthority, listener: str
+) -> None:
+    """RFC 9449 §4.3 step 9: ``htu`` is the URL this request was sent to, not the other listener's."""
+    here, there = (interop.plain, interop.tls) if listener == "plain" else (interop.tls, interop.plain)
+    form = {
+        "grant_type": GRANT,
+        "subject_token": example_org.mint(AGENT, interop.issuer),
+        "subject_token_type": JWT_TYPE,
+        "audience": "tool:calc",
+        "scope": "invoke",
+    }
+    response = requests.post(
+        f"{here.url}/token",
+        data=form,
+        headers={"DPoP": DpopKey.generate().proof("POST", f"{there.url}/token")},
+        verify=str(interop.ca),
+        timeout=10,
+    )
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_dpop_proof"), response.text
