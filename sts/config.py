@@ -82,9 +82,13 @@ class WorkloadApiSettings:
 
 @dataclass(frozen=True, slots=True)
 class KeySettings:
+    """Where the signing keys live; ``generate: false`` (production) refuses to start without
+    provisioned keys instead of making development keys."""
+
     dir: Path
     algorithm: str = "ES256"
     rotate_after: int = 86400
+    generate: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +390,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         dir=keys_section.path_value("dir", base, "state/keys") or base / "state/keys",
         algorithm=keys_section.get("algorithm", str, "ES256"),
         rotate_after=keys_section.duration("rotate_after", 86400),
+        generate=keys_section.get("generate", bool, True),
     )
     if keys.algorithm not in SUPPORTED_SIGNING_ALGORITHMS:
         keys_section.fail(

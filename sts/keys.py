@@ -116,6 +116,7 @@ class KeyRing:
                 class_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 loaded = [_read_key(path, token_class) for path in sorted(class_dir.glob("*.pem"))]
                 newest = max((k.created_at for k in loaded), default=None)
+                _check_may_serve(settings, token_class, loaded)
                 if newest is None:
                     loaded.append(_create_key(class_dir, token_class, current, development=True))
                 elif current - newest >= settings.rotate_after:
@@ -145,9 +146,9 @@ class KeyRing:
             paths = sorted((settings.dir / token_class.value).glob("*.pem"))
             if not paths:
                 raise ConfigError(f"keys.dir: {settings.dir} is read-only and holds no {token_class} key")
-            keys[token_class] = _retire(
-                [_read_key(p, token_class) for p in paths], now, settings.rotate_after
-            )
+            loaded = [_read_key(p, token_class) for p in paths]
+            _check_may_serve(settings, token_class, loaded)
+            keys[token_class] = _retire(loaded, now, settings.rotate_after)
             newest = max(k.created_at for k in keys[token_class])
             if now - newest >= settings.rotate_after:
                 log.warning("the %s signing key is older than rotate_after; provision a new one", token_class)
@@ -257,6 +258,22 @@ def _issued(claims: Mapping[str, Any], token_class: TokenClass, issuer: str, now
     if not all(isinstance(claims.get(name), str) for name in ("jti", "sub", "aud")):
         return False
     return all(isinstance(claims.get(name, ""), str) for name in ("client_id", "task_id", "scope"))
+
+
+def _check_may_serve(settings: KeySettings, token_class: TokenClass, loaded: list[SigningKey]) -> None:
+    """``keys.generate: false``: a production configuration never signs with a development key."""
+    if settings.generate:
+        return
+    if not loaded:
+        raise ConfigError(
+            f"keys.dir: {settings.dir} holds no {token_class} signing key and keys.generate is false: "
+            "provision keys with 'sts keys create --config FILE' (or a Kubernetes Secret)"
+        )
+    if all(k.generated_for_development for k in loaded):
+        raise ConfigError(
+            f"keys.dir: {settings.dir} holds only generated development {token_class} keys and "
+            "keys.generate is false: provision keys with 'sts keys create --config FILE'"
+        )
 
 
 def create_provisioned_keys(settings: KeySettings, *, now: float | None = None) -> list[str]:

@@ -11,6 +11,14 @@ sender-constrained token (``cnf``) is always refused here: bound tokens need a s
 proof (``TokenVerifier.require_token``). Since our verifier checks ``aud`` itself, configure
 ``AuthSettings(validate_token_resource=False)``.
 
+The SDK answers every refusal with its own fixed challenge (``error_description="Authentication
+required"``), so the reason reaches the server's developer only through the log: the verifier logs
+each refusal once, at INFO on ``sts.verify``, naming its rule (``access token refused (rule:
+audience): ...``; the rules are listed in :mod:`sts.verify`). Other failures (the STS or the
+Workload API unreachable) are logged here, as warnings. Constructing the
+:class:`~sts.verify.TokenVerifier` already fails (:class:`~sts.verify.WorkloadApiUnavailable`) when
+the Workload API socket it needs cannot be reached.
+
 Imports ``mcp`` (the optional extra ``sts[mcp]``); nothing else in ``sts`` imports this module.
 """
 
@@ -24,7 +32,8 @@ import anyio.to_thread
 from mcp.server.auth.provider import AccessToken
 
 from sts.errors import StsError
-from sts.verify import TokenVerifier
+from sts.logsafe import escape
+from sts.verify import InvalidAccessToken, TokenVerifier
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +53,12 @@ class McpTokenVerifier:
         check = functools.partial(self._verifier.verify, token, scheme="Bearer", scope=self._scope)
         try:
             verified = await anyio.to_thread.run_sync(check)
+        except InvalidAccessToken:
+            return None  # logged by the verifier, with its rule
         except StsError as e:
-            log.info("MCP request refused: %s (%s)", e.description, getattr(e, "rule", e.error))
+            log.warning(
+                "MCP request refused: %s (%s): %s", e.description, e.error, escape(e.detail or e.description)
+            )
             return None
         aud = verified.claims.get("aud")
         return AccessToken(

@@ -23,6 +23,43 @@ Failures are :class:`InvalidAccessToken` (RFC 6750 ``invalid_token``, 401), :cla
 :class:`~sts.errors.TemporarilyUnavailable` (503); each knows its ``WWW-Authenticate`` challenge.
 :meth:`TokenVerifier.require_token` is the Flask decorator that renders them.
 
+Every refusal names the rule that failed: :attr:`InvalidAccessToken.rule`, repeated at the end of its
+description, so that ``str(error)``, the challenge's and the body's ``error_description`` and the log
+line the verifier writes (logger ``sts.verify``, INFO) all say it, e.g. ``the access token is not a
+valid token of this issuer for this service (rule: audience)``. The description is fixed text: no
+key material, no expected value (issuer, audience, class), nothing the caller sent, so a refusal is
+no oracle. What the token held and what was expected go only to ``detail`` and that log line, the
+caller's text escaped (:func:`sts.logsafe.escape`). Challenge parameters are quoted strings of
+RFC 6750 §3 characters (printable ASCII without ``"`` and ``\\``). A request without any token
+(:class:`MissingToken`) is answered with both schemes and no error code (RFC 6750 §3.1). The rules
+(:data:`RULES`; stable names, for logs, metrics and tests):
+
+``malformed``       not a compact JWS of at most 8192 characters, or its header or claims are not
+                    JSON objects we accept (:mod:`sts.strict_json`)
+``typ``             the header's ``typ`` is not ``at+jwt`` (RFC 9068 §4)
+``alg``             the header's ``alg`` is not ``ES256`` (RFC 8725 §3.1: never taken from the token)
+``crit``            the header has ``crit`` (RFC 7515 §4.1.11: no extension is understood)
+``key``             no ``kid``, a ``kid`` of another token class, or no key of that ``kid`` in the key set
+``signature``       the ES256 signature does not verify with the key of its ``kid``
+``claims``          an RFC 9068 §2.2 claim is missing or of the wrong type (``iss``, ``sub``,
+                    ``client_id``, ``jti``, ``token_class`` strings; ``exp``, ``iat``, ``nbf``
+                    NumericDates; ``scope`` a string)
+``issuer``          ``iss`` is not the configured issuer
+``audience``        ``aud`` is not this service (a list must be exactly this one service)
+``token_class``     ``token_class`` is not the class this service accepts
+``expired``         ``exp`` (plus the leeway) has passed
+``not_yet_valid``   ``nbf`` or ``iat`` is later than now (plus the leeway)
+``scheme``          a DPoP-bound token sent as ``Bearer``, or an unbound one sent as ``DPoP``
+``cnf``             a ``cnf`` this service cannot check (a member other than ``jkt`` / ``x5t#S256``)
+``mtls``            ``cnf.x5t#S256`` without that TLS client certificate on the connection (RFC 8705 §3)
+``dpop_proof``      the DPoP proof is missing, more than one, malformed, replayed, or does not fit the
+                    request (``htm``, ``htu``, ``iat``, ``ath``; RFC 9449 §4.3, §7.1)
+``dpop_key``        the DPoP proof is sound but made with another key than ``cnf.jkt``
+``dpop_url``        the verifier was given no request URL, so it cannot check a proof's ``htu``
+``revoked``         the STS answers that the token is not active (revoked, or not for this server; RFC 7662)
+``scope``           a good token without the scope the endpoint needs (``insufficient_scope``, 403)
+``missing``         no token at all (:class:`MissingToken`: the challenge carries no error code)
+
 The warm path (keys and introspection cached) decodes the header once, verifies the signature with a
 key parsed once, and does no I/O. Time is injectable (``clock``, ``now``).
 
@@ -34,7 +71,11 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import os
+import re
+import socket as socketlib
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,12 +88,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from flask import Response, g, jsonify, request
+from flask import Response, g, has_request_context, jsonify, request
 
 from sts.binding import DPOP_ALGORITHMS, DpopVerifier, InvalidDpopProof, certificate_thumbprint
 from sts.client import CachedJwtSvid, SvidSource, WorkloadApiSvids
-from sts.errors import StsError, TemporarilyUnavailable
-from sts.strict_json import b64url_decode, loads, numeric_date
+from sts.errors import ConfigError, StsError, TemporarilyUnavailable
+from sts.logsafe import escape
+from sts.strict_json import JsonError, b64url_decode, loads, numeric_date
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +104,34 @@ MAX_TOKEN_CHARS = 8192
 MAX_REMEMBERED_HEADERS = 64  # one per key in practice; more means someone is sending junk headers
 REQUIRED_STRING_CLAIMS = ("iss", "sub", "client_id", "jti", "token_class")
 REQUIRED_TIME_CLAIMS = ("exp", "iat")
+TIME_CLAIMS = ("exp", "iat", "nbf")
 NOT_OURS = "the access token is not a valid token of this issuer for this service"
+RULES: Mapping[str, str] = {  # rule -> when it refuses; the module docstring says more
+    "malformed": "not a compact JWS, or its header or claims are not JSON objects we accept",
+    "typ": "the header's typ is not at+jwt",
+    "alg": "the header's alg is not ES256",
+    "crit": "the header has crit",
+    "key": "no kid, a kid of another token class, or no key of that kid",
+    "signature": "the signature does not verify with the key of its kid",
+    "claims": "a required claim is missing or of the wrong type",
+    "issuer": "iss is not the configured issuer",
+    "audience": "aud is not this service",
+    "token_class": "token_class is not the class this service accepts",
+    "expired": "exp has passed",
+    "not_yet_valid": "nbf or iat is in the future",
+    "scheme": "a DPoP-bound token sent as Bearer, or an unbound one as DPoP",
+    "cnf": "a cnf this service cannot check",
+    "mtls": "cnf x5t#S256 without that client certificate",
+    "dpop_proof": "the DPoP proof is missing, malformed, replayed or does not fit the request",
+    "dpop_key": "the DPoP proof is made with another key than cnf jkt",
+    "dpop_url": "no request URL to check the DPoP proof's htu against",
+    "revoked": "the STS answers that the token is not active",
+    "scope": "the token lacks the scope the endpoint needs",
+    "missing": "no token at all",
+}
+SHOWN_CHARS = 80  # at most this much of a caller's value goes into a detail (the log line)
+# RFC 6750 §3: error_description is %x20-21 / %x23-5B / %x5D-7E; anything else in a parameter goes.
+_NOT_CHALLENGE_TEXT = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 _ES256 = ec.ECDSA(hashes.SHA256())
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -71,23 +140,28 @@ _R = TypeVar("_R")
 class InvalidAccessToken(StsError):
     """RFC 6750 §3.1 ``invalid_token``: the token is malformed, not ours, expired, revoked or misused.
 
-    ``rule`` names the check that failed (for logs and tests); the description says it in words
-    without key material. ``scheme`` is the challenge to answer with (``Bearer`` or ``DPoP``).
+    ``rule`` names the check that failed, one of :data:`RULES`. ``reason`` says it in fixed words,
+    without key material or expected values; ``description`` (also ``str()``, the ``error_description``
+    of challenge and body) is the reason followed by ``(rule: <rule>)``. ``detail``, for the log only,
+    says what the token held (caller text escaped). ``scheme`` is the challenge to answer with
+    (``Bearer`` or ``DPoP``).
     """
 
     error = "invalid_token"
     status = 401
 
     def __init__(
-        self, rule: str, description: str, *, scheme: str = "Bearer", detail: str | None = None
+        self, rule: str, reason: str, *, scheme: str = "Bearer", detail: str | None = None
     ) -> None:
-        super().__init__(description, detail=detail)
+        if rule not in RULES:
+            raise ValueError(f"not a rule of sts.verify: {rule!r}")
+        super().__init__(f"{reason} (rule: {rule})", detail=detail)
         self.rule = rule
+        self.reason = reason
         self.scheme = scheme
 
     def challenge_parameters(self) -> dict[str, str]:
-        description = self.description.replace("\\", "").replace('"', "'")
-        return {"error": self.error, "error_description": description}
+        return {"error": self.error, "error_description": challenge_text(self.description)}
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": challenge(self.scheme, self.challenge_parameters())}
@@ -96,8 +170,8 @@ class InvalidAccessToken(StsError):
 class MissingToken(InvalidAccessToken):
     """RFC 6750 §3.1: no credentials at all; the challenge carries no error code, only the schemes."""
 
-    def __init__(self) -> None:
-        super().__init__("missing", "send an access token: Authorization: Bearer|DPoP <token>")
+    def __init__(self, *, detail: str | None = None) -> None:
+        super().__init__("missing", "send an access token: Authorization: Bearer|DPoP <token>", detail=detail)
 
     def challenge_parameters(self) -> dict[str, str]:
         return {}
@@ -108,8 +182,8 @@ class DpopProofRefused(InvalidAccessToken):
 
     error = "invalid_dpop_proof"
 
-    def __init__(self, description: str, *, detail: str | None = None) -> None:
-        super().__init__("dpop_proof", description, scheme="DPoP", detail=detail)
+    def __init__(self, reason: str, *, rule: str = "dpop_proof", detail: str | None = None) -> None:
+        super().__init__(rule, reason, scheme="DPoP", detail=detail)
 
 
 class InsufficientScope(InvalidAccessToken):
@@ -118,13 +192,34 @@ class InsufficientScope(InvalidAccessToken):
     error = "insufficient_scope"
     status = 403
 
-    def __init__(self, required: frozenset[str], *, scheme: str) -> None:
+    def __init__(self, required: frozenset[str], *, scheme: str, detail: str | None = None) -> None:
         wanted = " ".join(sorted(required))
-        super().__init__("scope", f"this endpoint needs scope {wanted}", scheme=scheme)
+        super().__init__("scope", f"this endpoint needs scope {wanted}", scheme=scheme, detail=detail)
         self.required = required
 
     def challenge_parameters(self) -> dict[str, str]:
         return super().challenge_parameters() | {"scope": " ".join(sorted(self.required))}
+
+
+class WorkloadApiUnavailable(ConfigError):
+    """A :class:`TokenVerifier` that introspects needs this server's JWT-SVID, and cannot get one.
+
+    Raised by the constructor, never by ``verify``: no socket given (``socket=``) nor in
+    ``SPIFFE_ENDPOINT_SOCKET``, the socket does not exist, nothing listens on it, or the Workload API
+    there gives this workload no JWT-SVID for the issuer. ``socket`` is the socket tried (None when
+    there was none); the message names it and what to do. A :class:`~sts.errors.ConfigError`: it
+    stops start-up, it is never an HTTP answer.
+    """
+
+    def __init__(self, message: str, *, socket: str | None) -> None:
+        super().__init__(message)
+        self.socket = socket
+
+
+def challenge_text(text: str) -> str:
+    """``text`` as an RFC 6750 §3 quoted-string value: ``"`` becomes ``'``; ``\\`` and every character
+    outside printable ASCII become ``?``, so a parameter can neither end early nor split the header."""
+    return _NOT_CHALLENGE_TEXT.sub("?", text.replace('"', "'"))
 
 
 def challenge(scheme: str, parameters: Mapping[str, str]) -> str:
@@ -132,8 +227,15 @@ def challenge(scheme: str, parameters: Mapping[str, str]) -> str:
     items = dict(parameters)
     if scheme == "DPoP":
         items["algs"] = " ".join(DPOP_ALGORITHMS)
-    rendered = ", ".join(f'{name}="{value}"' for name, value in items.items())
+    rendered = ", ".join(f'{name}="{challenge_text(value)}"' for name, value in items.items())
     return f"{scheme} {rendered}".rstrip()
+
+
+def _shown(value: object) -> str:
+    """A value the caller chose, for a detail (the log): quoted, at most SHOWN_CHARS, escaped."""
+    text = value if isinstance(value, str) else repr(value)
+    cut = f"{text[:SHOWN_CHARS]}...({len(text)} chars)" if len(text) > SHOWN_CHARS else text
+    return f"'{escape(cut)}'" if isinstance(value, str) else escape(cut)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +425,16 @@ class TokenVerifier:
     :meth:`without_revocation_check` makes a verifier that accepts revoked tokens until ``exp``.
     ``key_refresh_interval``: at most one key-set fetch per interval on an unknown ``kid``;
     ``keys_max_age``: the key set is re-fetched when older (retired keys stop being trusted).
+    ``timeout``: for each call to the STS and to the Workload API.
+
+    With the default revocation check and no ``svids``, the constructor fetches this server's first
+    JWT-SVID from the Workload API (within ``timeout``), so that a missing or unreachable socket
+    stops start-up instead of refusing every request later: it raises :class:`WorkloadApiUnavailable`
+    (a :class:`~sts.errors.ConfigError`) naming the socket tried and where it came from (``socket=``
+    or ``SPIFFE_ENDPOINT_SOCKET``). A verifier given ``svids`` or ``revocation`` asks nothing then.
+
+    Every refusal is logged once, at INFO on ``sts.verify``, naming its rule (see the module
+    docstring) with the detail, and the request's method and path inside a Flask request.
     """
 
     def __init__(
@@ -367,10 +479,13 @@ class TokenVerifier:
             window_seconds=dpop_window_seconds,
         )
         if revocation is None:
-            source = svids if svids is not None else WorkloadApiSvids(socket, timeout=timeout)
+            if svids is not None:
+                bearer = CachedJwtSvid(svids, self.issuer, clock=clock)
+            else:
+                bearer = _first_jwt_svid(socket, self.issuer, timeout=timeout, clock=clock)
             revocation = Introspection(
                 f"{self.issuer}/introspect",
-                CachedJwtSvid(source, self.issuer, clock=clock).get,
+                bearer.get,
                 session=self._session,
                 cache_seconds=introspection_cache_seconds,
                 unreachable_grace=introspection_unreachable_grace,
@@ -397,7 +512,37 @@ class TokenVerifier:
         client_certificate: x509.Certificate | None = None,
         now: float | None = None,
     ) -> VerifiedToken:
-        """Every check of the module docstring; ``url`` (without query) is needed for DPoP's ``htu``."""
+        """Every check of the module docstring; ``url`` (without query) is needed for DPoP's ``htu``.
+
+        Raises :class:`InvalidAccessToken` (or a subclass) naming the rule that failed, logged first.
+        """
+        try:
+            return self._verify(
+                token,
+                scheme=scheme,
+                scope=scope,
+                dpop_proof=dpop_proof,
+                method=method,
+                url=url,
+                client_certificate=client_certificate,
+                now=now,
+            )
+        except InvalidAccessToken as e:
+            _log_refusal(e)
+            raise
+
+    def _verify(
+        self,
+        token: str,
+        *,
+        scheme: str,
+        scope: str | Iterable[str],
+        dpop_proof: str | None,
+        method: str,
+        url: str | None,
+        client_certificate: x509.Certificate | None,
+        now: float | None,
+    ) -> VerifiedToken:
         current = self._clock() if now is None else now
         presented_as = "DPoP" if scheme.lower() == "dpop" else "Bearer"
         claims = self._claims(token, presented_as, current)
@@ -412,11 +557,21 @@ class TokenVerifier:
             now=current,
         )
         if not self._revocation.active(token, claims, current):
-            raise InvalidAccessToken("revoked", "the access token has been revoked", scheme=presented_as)
+            raise InvalidAccessToken(
+                "revoked",
+                "the access token has been revoked or is not active",
+                scheme=presented_as,
+                detail=f"the STS answers jti {_shown(claims['jti'])} is not active",
+            )
         granted = frozenset(claims["scope"].split())
         required = frozenset(scope.split() if isinstance(scope, str) else scope)
         if not required <= granted:
-            raise InsufficientScope(required, scheme=presented_as)
+            raise InsufficientScope(
+                required,
+                scheme=presented_as,
+                detail=f"granted scope {_shown(' '.join(sorted(granted)))}, "
+                f"missing {' '.join(sorted(required - granted))!r}",
+            )
         task_id = claims.get("task_id")
         return VerifiedToken(
             token=token,
@@ -442,23 +597,34 @@ class TokenVerifier:
         scope: str | Iterable[str] = (),
         now: float | None = None,
     ) -> VerifiedToken:
-        """RFC 6750 §2.1 / RFC 9449 §7.1: the ``Authorization`` header (``Bearer`` or ``DPoP``) and proofs."""
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() not in ("bearer", "dpop") or not token:
-            raise MissingToken()
-        if len(dpop) > 1:
-            raise DpopProofRefused("send at most one DPoP proof")
-        return self.verify(
-            token,
-            scheme=scheme,
-            scope=scope,
-            dpop_proof=dpop[0] if dpop else None,
-            method=method,
-            url=url,
-            client_certificate=client_certificate,
-            now=now,
-        )
+        """RFC 6750 §2.1 / RFC 9449 §7.1: the ``Authorization`` header (``Bearer`` or ``DPoP``) and proofs.
+
+        Raises :class:`InvalidAccessToken` (or a subclass) naming the rule that failed, logged first.
+        """
+        try:
+            scheme, _, token = (authorization or "").strip().partition(" ")
+            token = token.strip()
+            if scheme.lower() not in ("bearer", "dpop") or not token:
+                raise MissingToken(
+                    detail="no Authorization header"
+                    if not authorization
+                    else f"Authorization {_shown(scheme)} carries no Bearer or DPoP token"
+                )
+            if len(dpop) > 1:
+                raise DpopProofRefused("send at most one DPoP proof", detail=f"{len(dpop)} DPoP headers")
+            return self._verify(
+                token,
+                scheme=scheme,
+                scope=scope,
+                dpop_proof=dpop[0] if dpop else None,
+                method=method,
+                url=url,
+                client_certificate=client_certificate,
+                now=now,
+            )
+        except InvalidAccessToken as e:
+            _log_refusal(e)
+            raise
 
     def _claims(self, token: str, scheme: str, now: float) -> dict[str, Any]:
         """Steps 1 to 3: header, signature, then the claims (parsed only once the signature holds)."""
@@ -471,51 +637,76 @@ class TokenVerifier:
         and its ``kid`` remembered (a bounded map from segment to ``kid``).
         """
 
-        def refuse(rule: str, description: str) -> InvalidAccessToken:
-            return InvalidAccessToken(rule, description, scheme=scheme)
+        def refuse(rule: str, reason: str, detail: str) -> InvalidAccessToken:
+            return InvalidAccessToken(rule, reason, scheme=scheme, detail=detail)
 
         if len(token) > MAX_TOKEN_CHARS:
-            raise refuse("malformed", "the access token is too long")
+            raise refuse(
+                "malformed",
+                "the access token is too long",
+                f"{len(token)} characters, over {MAX_TOKEN_CHARS}",
+            )
         parts = token.split(".")
         if len(parts) != 3:
-            raise refuse("malformed", "the access token is not a compact JWS")
+            raise refuse(
+                "malformed", "the access token is not a compact JWS", f"{len(parts)} segments, not 3"
+            )
         kid = self._headers.get(parts[0])
         if kid is None:
             kid = self._check_header(parts[0], refuse)
         key = self._key(kid, now)
+        if key is None:
+            keys = self._keys
+            known = len(keys.keys) if keys is not None else 0
+            raise refuse(
+                "key", NOT_OURS, f"no {self.token_class} key has kid {_shown(kid)} ({known} keys known)"
+            )
         try:
             signature = b64url_decode(parts[2])
         except ValueError as e:
-            raise refuse("malformed", "the access token is not a compact JWS") from e
-        if key is None or len(signature) != 64:
-            raise refuse("key" if key is None else "signature", NOT_OURS)
+            raise refuse(
+                "malformed", "the access token is not a compact JWS", f"signature segment: {e}"
+            ) from e
+        if len(signature) != 64:
+            raise refuse("signature", NOT_OURS, f"an ES256 signature is 64 bytes, not {len(signature)}")
         der = encode_dss_signature(
             int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
         )
         try:
             key.verify(der, f"{parts[0]}.{parts[1]}".encode("ascii"), _ES256)
         except (InvalidSignature, UnicodeEncodeError) as e:
-            raise refuse("signature", NOT_OURS) from e
+            raise refuse("signature", NOT_OURS, f"the signature does not verify (kid {_shown(kid)})") from e
         return parts[1]
 
-    def _check_header(self, segment: str, refuse: Callable[[str, str], InvalidAccessToken]) -> str:
+    def _check_header(self, segment: str, refuse: Callable[[str, str, str], InvalidAccessToken]) -> str:
         """RFC 9068 §4, RFC 8725 §3.1: ``typ``, the one ``alg``, no ``crit``, a ``kid`` of our class."""
         try:
             header = loads(b64url_decode(segment))
         except ValueError as e:
-            raise refuse("malformed", "the access token is not a compact JWS") from e
+            raise refuse(
+                "malformed", "the access token is not a compact JWS", f"header: {escape(str(e))}"
+            ) from e
         if not isinstance(header, dict):
-            raise refuse("malformed", "the access token is not a compact JWS")
+            raise refuse("malformed", "the access token is not a compact JWS", "header: not a JSON object")
         typ = header.get("typ")
         if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
-            raise refuse("typ", "the access token's typ must be at+jwt (RFC 9068)")
-        if header.get("alg") != "ES256":  # one algorithm, fixed here, never taken from the token
-            raise refuse("alg", "the access token's alg must be ES256")
+            raise refuse("typ", "the access token's typ must be at+jwt (RFC 9068)", f"typ {_shown(typ)}")
+        alg = header.get("alg")
+        if alg != "ES256":  # one algorithm, fixed here, never taken from the token
+            raise refuse("alg", "the access token's alg must be ES256", f"alg {_shown(alg)}")
         if "crit" in header:
-            raise refuse("crit", "the access token has critical header parameters this service does not know")
+            raise refuse(
+                "crit",
+                "the access token has critical header parameters this service does not know",
+                f"crit {_shown(header['crit'])}",
+            )
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid.startswith(self._kid_prefix):
-            raise refuse("key", NOT_OURS)
+            raise refuse(
+                "key",
+                NOT_OURS,
+                "no kid" if kid is None else f"kid {_shown(kid)} is not a {self.token_class} key",
+            )
         if len(self._headers) >= MAX_REMEMBERED_HEADERS:
             self._headers.clear()
         self._headers[segment] = kid
@@ -524,37 +715,80 @@ class TokenVerifier:
     def _check_claims(self, payload: str, scheme: str, now: float) -> dict[str, Any]:
         """Step 3: RFC 9068 §4 claims, our ``token_class``, and the lifetime with ``leeway``."""
 
-        def refuse(rule: str, description: str) -> InvalidAccessToken:
-            return InvalidAccessToken(rule, description, scheme=scheme)
+        def refuse(rule: str, reason: str, detail: str) -> InvalidAccessToken:
+            return InvalidAccessToken(rule, reason, scheme=scheme, detail=detail)
 
         try:
             # Strict JSON (sts.strict_json): no NaN, no integer beyond 64 bits, bounded nesting.
             claims = loads(b64url_decode(payload))
         except ValueError as e:
-            raise refuse("malformed", f"the access token's claims are not JSON we accept: {e}") from e
+            if isinstance(e, JsonError) and e.out_of_range and e.member in TIME_CLAIMS:
+                # A number JSON allows but no NumericDate can be (sts.strict_json.JsonError).
+                raise refuse(
+                    "claims",
+                    f"the access token's {e.member} must be a NumericDate (RFC 7519 section 2)",
+                    escape(str(e)),
+                ) from e
+            raise refuse(
+                "malformed", "the access token's claims are not JSON we accept", f"claims: {escape(str(e))}"
+            ) from e
         if not isinstance(claims, dict):
-            raise refuse("malformed", "the access token's claims are not a JSON object")
+            raise refuse(
+                "malformed", "the access token's claims are not a JSON object", "claims: not a JSON object"
+            )
         for name in REQUIRED_STRING_CLAIMS:
             if not isinstance(claims.get(name), str):
-                raise refuse("claims", f"the access token has no {name} claim")
+                raise refuse(
+                    "claims",
+                    f"the access token has no {name} claim",
+                    f"{name} is {'absent' if name not in claims else _shown(claims[name])}, not a string",
+                )
         # RFC 7519 §2 NumericDates, bounded (sts.strict_json.numeric_date): adding the leeway can
         # neither overflow nor compare false against NaN.
         exp, iat = (numeric_date(claims.get(name)) for name in REQUIRED_TIME_CLAIMS)
         if exp is None or iat is None:
-            raise refuse("claims", "the access token's exp and iat must be NumericDates (RFC 7519 §2)")
-        if not isinstance(claims.setdefault("scope", ""), str):
-            raise refuse("claims", "the access token's scope must be a string")
-        if claims["iss"] != self.issuer:
-            raise refuse("issuer", NOT_OURS)
-        if claims.get("aud") not in (self.audience, [self.audience]):
-            raise refuse("audience", "the access token was issued for another service")
-        if claims["token_class"] != self.token_class:
-            raise refuse("token_class", "the access token is of a class this service does not accept")
-        if now >= exp + self._leeway:
-            raise refuse("expired", "the access token has expired")
+            raise refuse(
+                "claims",
+                "the access token's exp and iat must be NumericDates (RFC 7519 section 2)",
+                f"exp {_shown(claims.get('exp'))}, iat {_shown(claims.get('iat'))}",
+            )
         nbf = numeric_date(claims["nbf"]) if "nbf" in claims else iat
-        if nbf is None or max(nbf, iat) > now + self._leeway:
-            raise refuse("not_yet_valid", "the access token is not valid yet")
+        if nbf is None:
+            raise refuse(
+                "claims",
+                "the access token's nbf must be a NumericDate (RFC 7519 section 2)",
+                f"nbf {_shown(claims['nbf'])}",
+            )
+        if not isinstance(claims.setdefault("scope", ""), str):
+            raise refuse(
+                "claims", "the access token's scope must be a string", f"scope {_shown(claims['scope'])}"
+            )
+        if claims["iss"] != self.issuer:
+            raise refuse("issuer", NOT_OURS, f"iss {_shown(claims['iss'])}, expected {self.issuer!r}")
+        if claims.get("aud") not in (self.audience, [self.audience]):
+            raise refuse(
+                "audience", NOT_OURS, f"aud {_shown(claims.get('aud'))}, expected {self.audience!r}"
+            )
+        if claims["token_class"] != self.token_class:
+            raise refuse(
+                "token_class",
+                NOT_OURS,
+                f"token_class {_shown(claims['token_class'])}, this service accepts {self.token_class!r}",
+            )
+        if now >= exp + self._leeway:
+            raise refuse(
+                "expired",
+                "the access token has expired",
+                f"exp {exp:.0f} is {now - exp:.0f} s ago (leeway {self._leeway:g} s)",
+            )
+        start = max(nbf, iat)
+        if start > now + self._leeway:
+            which = "nbf" if nbf >= iat else "iat"
+            raise refuse(
+                "not_yet_valid",
+                "the access token is not valid yet",
+                f"{which} {start:.0f} is {start - now:.0f} s ahead (leeway {self._leeway:g} s)",
+            )
         return claims
 
     def _check_binding(
@@ -573,13 +807,28 @@ class TokenVerifier:
         cnf = claims.get("cnf")
         if cnf is None:
             if scheme == "DPoP":
-                raise InvalidAccessToken("scheme", "this access token is not DPoP-bound; send it as Bearer")
+                raise InvalidAccessToken(
+                    "scheme",
+                    "this access token is not DPoP-bound; send it as Bearer",
+                    scheme="DPoP",
+                    detail="no cnf, presented with the DPoP scheme",
+                )
             return "none"
         if not isinstance(cnf, dict) or not cnf or set(cnf) - {"jkt", "x5t#S256"}:
-            raise InvalidAccessToken("cnf", "the access token is bound in a way this service cannot check")
+            raise InvalidAccessToken(
+                "cnf",
+                "the access token is bound in a way this service cannot check",
+                scheme=scheme,
+                detail=f"cnf {_shown(cnf)}",
+            )
         jkt, x5t = cnf.get("jkt"), cnf.get("x5t#S256")
         if not all(value is None or isinstance(value, str) for value in (jkt, x5t)):
-            raise InvalidAccessToken("cnf", "the access token is bound in a way this service cannot check")
+            raise InvalidAccessToken(
+                "cnf",
+                "the access token is bound in a way this service cannot check",
+                scheme=scheme,
+                detail=f"cnf {_shown(cnf)}",
+            )
         kinds = []
         if jkt is not None:
             if scheme != "DPoP":
@@ -587,18 +836,27 @@ class TokenVerifier:
                     "scheme",
                     "this access token is DPoP-bound: send it with the DPoP scheme and a proof",
                     scheme="DPoP",
+                    detail="cnf jkt, presented with the Bearer scheme",
                 )
             if url is None:
-                raise DpopProofRefused("this service cannot check DPoP proofs here")
+                raise DpopProofRefused(
+                    "this service cannot check DPoP proofs here",
+                    rule="dpop_url",
+                    detail="TokenVerifier.verify was given no url for a DPoP-bound token",
+                )
             try:
                 checked = self._dpop.verify(
                     proof, method=method.upper(), urls=(url,), access_token=token, now=now
                 )
             except InvalidDpopProof as e:
-                raise DpopProofRefused(e.description) from e
+                raise DpopProofRefused(_proof_reason(e), detail=escape(e.detail or e.description)) from e
             # As bytes: compare_digest refuses str that is not ASCII with a TypeError.
             if not hmac.compare_digest(checked.jkt.encode(), jkt.encode()):
-                raise DpopProofRefused("the DPoP proof is not made with the key the access token is bound to")
+                raise DpopProofRefused(
+                    "the DPoP proof is not made with the key the access token is bound to",
+                    rule="dpop_key",
+                    detail=f"proof key thumbprint {checked.jkt!r}, cnf jkt {_shown(jkt)}",
+                )
             kinds.append("dpop")
         if x5t is not None:
             if certificate is None or not hmac.compare_digest(
@@ -608,6 +866,10 @@ class TokenVerifier:
                     "mtls",
                     "this access token is bound to a TLS client certificate this connection did not present",
                     scheme=scheme,
+                    detail="no client certificate on this connection"
+                    if certificate is None
+                    else f"client certificate x5t#S256 {certificate_thumbprint(certificate)!r}, "
+                    f"cnf x5t#S256 {_shown(x5t)}",
                 )
             kinds.append("mtls")
         return "+".join(kinds)
@@ -734,6 +996,94 @@ class _NoRevocationCheck:
         return True
 
 
+def _proof_reason(error: InvalidDpopProof) -> str:
+    """The public words of a DPoP refusal: sts.binding's, less the parser's message it may append
+    (which can quote the caller's member names); that message stays in the detail."""
+    cause = error.__cause__
+    if isinstance(cause, ValueError):
+        return error.description.removesuffix(f" ({cause})")
+    return error.description
+
+
+def _log_refusal(error: InvalidAccessToken) -> None:
+    """The one log line of a refusal: its rule, what the token held, and where (inside Flask)."""
+    where = f" [{request.method} {escape(request.path)}]" if has_request_context() else ""
+    log.info(
+        "access token refused (rule: %s)%s: %s; %s %s",
+        error.rule,
+        where,
+        error.detail or error.reason,
+        error.status,
+        error.error,
+    )
+
+
+def _first_jwt_svid(
+    socket: str | None, issuer: str, *, timeout: float, clock: Callable[[], float]
+) -> CachedJwtSvid:
+    """This server's JWT-SVID for introspection at ``issuer``, fetched once now: the Workload API must
+    answer at construction, within ``timeout`` (:class:`WorkloadApiUnavailable` otherwise)."""
+    address = socket or os.environ.get("SPIFFE_ENDPOINT_SOCKET") or None
+    if address is None:
+        raise WorkloadApiUnavailable(
+            "TokenVerifier: no Workload API socket to fetch this server's JWT-SVID from (it introspects "
+            "tokens at the STS as this workload): pass socket='unix:///path/to/agent.sock' or set "
+            "SPIFFE_ENDPOINT_SOCKET; or pass svids= or revocation=, or use "
+            "TokenVerifier.without_revocation_check(...)",
+            socket=None,
+        )
+    origin = "socket=" if socket else "SPIFFE_ENDPOINT_SOCKET"
+    problem = _socket_problem(address, timeout)
+    if problem is not None:
+        raise WorkloadApiUnavailable(
+            f"TokenVerifier: the Workload API socket {address} (from {origin}) {problem}; start the "
+            "SPIRE agent (or `sts dev`) first, or point socket= / SPIFFE_ENDPOINT_SOCKET at its socket",
+            socket=address,
+        )
+    bearer = CachedJwtSvid(WorkloadApiSvids(address, timeout=timeout), issuer, clock=clock)
+    try:
+        bearer.get()
+    except TemporarilyUnavailable as e:
+        raise WorkloadApiUnavailable(
+            f"TokenVerifier: the Workload API at {address} (from {origin}) gave this workload no JWT-SVID "
+            f"for {issuer} within {timeout:g} s: {e.detail or e.description}",
+            socket=address,
+        ) from e
+    return bearer
+
+
+def _socket_problem(address: str, timeout: float) -> str | None:
+    """What is wrong with a ``unix:`` Workload API socket, said plainly; None if it takes a connection
+    (other forms are left to py-spiffe, which says what it makes of them)."""
+    if address.startswith("/"):
+        return f"is a bare path: write it as unix://{address}"
+    if not address.startswith("unix:"):
+        return None
+    path = address.removeprefix("unix:")
+    if not path.startswith("/"):
+        return None
+    path = "/" + path.lstrip("/")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be examined ({e.strerror or e})"
+    if not stat.S_ISSOCK(mode):
+        return "is not a socket"
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return "has nothing listening on it (connection refused)"
+        except TimeoutError:
+            return f"did not accept a connection within {timeout:g} s"
+        except OSError as e:
+            return f"cannot be connected to ({e.strerror or e})"
+    return None
+
+
 def current_token() -> VerifiedToken:
     """The token :meth:`TokenVerifier.require_token` verified for this request."""
     token: VerifiedToken = g.sts_token
@@ -741,10 +1091,19 @@ def current_token() -> VerifiedToken:
 
 
 def error_response(error: StsError) -> Response:
-    """The RFC 6750 §3 answer: JSON error body and challenge(s); no token at all gets both schemes."""
-    log.info(
-        "refused %s %s: %s %s", request.method, request.path, error.error, error.detail or error.description
-    )
+    """The RFC 6750 §3 answer: JSON error body and challenge(s); no token at all gets both schemes.
+
+    An :class:`InvalidAccessToken` was logged by the verifier already (with its rule); other errors
+    (a 503: keys or introspection unreachable) are logged here.
+    """
+    if not isinstance(error, InvalidAccessToken):
+        log.info(
+            "refused %s %s: %s %s",
+            request.method,
+            escape(request.path),
+            error.error,
+            escape(error.detail or error.description),
+        )
     if isinstance(error, MissingToken):
         body: dict[str, str] = {"error": "invalid_token", "error_description": error.description}
     else:

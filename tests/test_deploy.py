@@ -1140,7 +1140,12 @@ HELM_REFUSALS = [
         ["--set", "config.issuer=http://sts.example.org", "--skip-schema-validation"],
         "https",
     ),
-    ("trust-domain-missing", ["--set", "spiffe.trustDomain=other.org"], "other.org"),
+    (
+        "trust-domain-missing",
+        ["--set", "spiffe.trustDomain=other.org", "--set", "config.keys.generate=true"],
+        "other.org",
+    ),
+    ("no-signing-keys", [], "no signing keys: set signingKeys.existingSecret"),
 ]
 
 

@@ -161,3 +161,22 @@ def test_workers_converge_on_a_rotated_key(tmp_path: Path) -> None:
     )  # forced refresh on unknown kid
     assert new_kid in {k["kid"] for k in older.jwks(TokenClass.TOOL)["keys"]}
     assert older.active(TokenClass.TOOL).kid == new_kid
+
+
+def test_generate_false_refuses_an_empty_key_directory(tmp_path: Path) -> None:
+    """keys.generate: false (production): no development key is ever made, start-up says what to do."""
+    with pytest.raises(ConfigError, match=r"holds no tool signing key and keys\.generate is false"):
+        KeyRing.load_or_create(KeySettings(dir=tmp_path / "keys", generate=False), now=NOW)
+    assert not list((tmp_path / "keys").rglob("*.pem"))
+
+
+def test_generate_false_refuses_development_keys(tmp_path: Path) -> None:
+    KeyRing.load_or_create(KeySettings(dir=tmp_path / "keys"), now=NOW)  # a development start earlier
+    with pytest.raises(ConfigError, match="only generated development tool keys"):
+        KeyRing.load_or_create(KeySettings(dir=tmp_path / "keys", generate=False), now=NOW + 10)
+
+
+def test_generate_false_serves_provisioned_keys(tmp_path: Path) -> None:
+    create_provisioned_keys(KeySettings(dir=tmp_path / "keys"), now=NOW)
+    ring = KeyRing.load_or_create(KeySettings(dir=tmp_path / "keys", generate=False), now=NOW + 10)
+    assert not ring.active(TokenClass.TOOL).generated_for_development

@@ -6,6 +6,7 @@ agent's ``TokenClient`` against a real ``sts dev``, and a tool is called with th
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -127,11 +128,32 @@ def refused_tokens(sts_dev: Dev, agent: TokenClient) -> dict[str, str | None]:
     }
 
 
-def test_bad_tokens_are_refused(sts_dev: Dev, agent: TokenClient, mcp_url: str) -> None:
+RULES = {  # the rule each refusal must name in the verifier's log line (none: the SDK never asks us)
+    "no token": None,
+    "garbage": "malformed",
+    "data token": "key",
+    "dpop-bound token as bearer": "scheme",
+    "token of an ended task": "revoked",
+}
+
+
+def test_bad_tokens_are_refused(
+    sts_dev: Dev, agent: TokenClient, mcp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK's challenge is its own; the reason, with its rule, is in one log line of the verifier."""
     for case, authorization in refused_tokens(sts_dev, agent).items():
-        response = initialize(mcp_url, authorization)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sts"):
+            response = initialize(mcp_url, authorization)
         assert response.status_code == 401, (case, response.text)
         assert response.headers["WWW-Authenticate"].startswith("Bearer"), case
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        rule = RULES[case]
+        if rule is None:
+            assert refusals == [], case
+        else:
+            assert len(refusals) == 1 and f"(rule: {rule})" in refusals[0], (case, refusals)
+            assert refusals[0].startswith("access token refused"), refusals  # not repeated by the adapter
 
 
 def test_the_sdk_client_calls_a_tool_with_our_token(sts_dev: Dev, agent: TokenClient, mcp_url: str) -> None:

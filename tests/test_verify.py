@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +31,13 @@ from sts.demo_services import LoopbackService, tool_app
 from sts.errors import TemporarilyUnavailable
 from sts.keys import thumbprint
 from sts.verify import (
+    NOT_OURS,
     DpopProofRefused,
     InsufficientScope,
     Introspection,
     InvalidAccessToken,
     TokenVerifier,
+    WorkloadApiUnavailable,
 )
 from tests.test_client import DATA, TOOL, Dev, RequestLog, claims_of, running_dev
 
@@ -171,13 +175,59 @@ def tamper(token: str) -> str:
     return f"{head}.{b64url(changed)}.{signature}"
 
 
+def error_description(challenge: str) -> str:
+    found = re.search(r'error_description="([^"]*)"', challenge)
+    assert found, challenge
+    return found.group(1)
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("access token refused")]
+
+
 @pytest.mark.parametrize(("make", "rule"), [(m, r) for _, m, r in REFUSALS], ids=[i for i, _, _ in REFUSALS])
-def test_refusals(sts_dev: Dev, tool_verifier: TokenVerifier, make: Any, rule: str) -> None:
-    with pytest.raises(InvalidAccessToken) as refused:
+def test_refusals(
+    sts_dev: Dev, tool_verifier: TokenVerifier, make: Any, rule: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refusal names its rule where a resource server's developer looks: str, challenge, log."""
+    with caplog.at_level(logging.INFO, logger="sts.verify"), pytest.raises(InvalidAccessToken) as refused:
         tool_verifier.verify(make(sts_dev), scope="invoke")
     assert refused.value.rule == rule
     assert refused.value.status == 401
-    assert refused.value.headers()["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    challenge = refused.value.headers()["WWW-Authenticate"]
+    assert challenge.startswith('Bearer error="invalid_token"')
+    assert str(refused.value).endswith(f"(rule: {rule})")
+    assert error_description(challenge).endswith(f"(rule: {rule})")
+    assert [line for line in refusal_lines(caplog) if f"(rule: {rule})" in line]
+    for expected in (sts_dev.issuer, TOOL, "tool-"):  # no oracle: neither the expected values nor the kid
+        assert expected not in challenge
+
+
+def test_a_token_for_another_service_says_so_only_by_its_rule(
+    sts_dev: Dev, agent: TokenClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real tool token at a tool verifier for another audience: only the rule says it was the aud."""
+    token = agent.token(audience=TOOL, scope="invoke").value
+    elsewhere = sts_dev.verifier(DATA, "tool")  # class matches; the audience does not
+    with caplog.at_level(logging.INFO, logger="sts.verify"), pytest.raises(InvalidAccessToken) as refused:
+        elsewhere.verify(token)
+    assert str(refused.value) == f"{NOT_OURS} (rule: audience)"
+    challenge = refused.value.headers()["WWW-Authenticate"]
+    assert DATA not in challenge and TOOL not in challenge and sts_dev.issuer not in challenge
+    (line,) = [line for line in refusal_lines(caplog) if "(rule: audience)" in line]
+    assert f"aud '{TOOL}', expected '{DATA}'" in line  # the server-side log says what and why
+
+
+def test_construction_with_a_dev_socket_fetches_the_first_svid(sts_dev: Dev) -> None:
+    sts_dev.verifier(TOOL, "tool", timeout=1)  # reachable: no error
+    with pytest.raises(WorkloadApiUnavailable, match="does not exist"):
+        TokenVerifier(
+            issuer=sts_dev.issuer,
+            audience=TOOL,
+            token_class="tool",
+            socket=sts_dev.socket("tool") + ".gone",
+            timeout=1,
+        )
 
 
 def test_forged_token_with_every_rule_kept_is_accepted(sts_dev: Dev) -> None:
@@ -425,11 +475,14 @@ def test_flask_challenges(sts_dev: Dev, agent: TokenClient, tool_service: str) -
     bad = requests.get(tool_service, headers={"Authorization": "Bearer x.y.z"}, timeout=5)
     assert bad.status_code == 401 and bad.json()["error"] == "invalid_token"
     assert bad.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token", error_description=')
+    assert error_description(bad.headers["WWW-Authenticate"]).endswith("(rule: malformed)")
+    assert bad.json()["error_description"].endswith("(rule: malformed)")
 
     bound = agent.token(audience=TOOL, scope="invoke", dpop=DpopKey.generate()).value
     as_bearer = requests.get(tool_service, headers={"Authorization": f"Bearer {bound}"}, timeout=5)
     assert as_bearer.status_code == 401
     assert as_bearer.headers["WWW-Authenticate"].startswith('DPoP error="invalid_token"')
+    assert error_description(as_bearer.headers["WWW-Authenticate"]).endswith("(rule: scheme)")
 
     good = agent.token(audience=TOOL, scope="invoke")
     response = requests.get(tool_service, headers=good.headers("GET", tool_service), timeout=5)
@@ -453,3 +506,4 @@ def test_flask_insufficient_scope(sts_dev: Dev, agent: TokenClient) -> None:
     assert response.json()["error"] == "insufficient_scope"
     assert response.headers["WWW-Authenticate"].startswith('Bearer error="insufficient_scope"')
     assert 'scope="write"' in response.headers["WWW-Authenticate"]
+    assert error_description(response.headers["WWW-Authenticate"]).endswith("(rule: scope)")

@@ -49,11 +49,20 @@ def _token_parameter(form: dict[str, list[str]]) -> str:
     return values[0]
 
 
-def _authenticate_form_caller(form: dict[str, list[str]]) -> Caller:
+def _read_form_after_authentication() -> tuple[dict[str, list[str]], InvalidRequest | None]:
+    """The form, or an empty one and why it could not be read: a caller must be refused as
+    unauthenticated (401) before it is told what is wrong with its body (400)."""
+    try:
+        return read_form(), None
+    except InvalidRequest as e:
+        return {}, e
+
+
+def _authenticate_form_caller(form: dict[str, list[str]], unreadable: InvalidRequest | None) -> Caller:
     """The caller of a form endpoint: Bearer JWT-SVID, ``jwt-spiffe`` client assertion or mTLS.
 
     A ``client_id`` (RFC 6749 §2.2; optional with an assertion, RFC 7521 §4.2) must be the SPIFFE ID
-    that authenticated.
+    that authenticated. An unreadable body is refused only once the caller has authenticated.
     """
     caller = services().callers.authenticate(
         request.headers.get("Authorization"),
@@ -61,6 +70,8 @@ def _authenticate_form_caller(form: dict[str, list[str]]) -> Caller:
         client_assertion=_single(form, "client_assertion"),
         client_assertion_type=_single(form, "client_assertion_type"),
     )
+    if unreadable is not None:
+        raise unreadable
     client_id = _single(form, "client_id")
     if client_id is not None and client_id != str(caller.spiffe_id):
         raise InvalidClient("client_id does not match the authenticated client")
@@ -72,8 +83,8 @@ def introspect() -> Response:
     """RFC 7662: a resource server (Bearer JWT-SVID, client assertion or mTLS) asks whether a token is
     active. A failed bearer token is ``invalid_token`` (§2.3 via RFC 6750), a failed client
     assertion ``invalid_client`` (§2.3 via RFC 6749 §5.2)."""
-    form = read_form()
-    caller = _authenticate_form_caller(form)
+    form, unreadable = _read_form_after_authentication()
+    caller = _authenticate_form_caller(form, unreadable)
     token = _token_parameter(form)
     return jsonify(services().introspection.introspect(caller, token, request_id=g.request_id))
 
@@ -85,10 +96,10 @@ def revoke() -> Response:
     The caller is the client of RFC 7009 §2.1: failing to authenticate it is ``invalid_client``
     (§2.2.1), with a Bearer challenge only when it sent a Bearer credential.
     """
-    form = read_form()
+    form, unreadable = _read_form_after_authentication()
     authorization = request.headers.get("Authorization")
     try:
-        caller = _authenticate_form_caller(form)
+        caller = _authenticate_form_caller(form, unreadable)
     except InvalidCallerToken as e:
         scheme = "Bearer" if authorization and not e.missing else None
         raise InvalidClient(e.description, detail=e.detail, scheme=scheme) from e

@@ -166,6 +166,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and .Values.redis.url .Values.redis.existingSecret }}
 {{- fail "set redis.url or redis.existingSecret, not both" }}
 {{- end }}
+{{- if and (not (include "sts.signingKeysSecret" .)) (not .Values.config.keys.generate) }}
+{{- fail "no signing keys: set signingKeys.existingSecret or signingKeys.files (sts keys create), or config.keys.generate: true to try the chart with development keys" }}
+{{- end }}
 {{- if and .Values.signingKeys.existingSecret .Values.signingKeys.files }}
 {{- fail "set signingKeys.existingSecret or signingKeys.files, not both" }}
 {{- end }}
