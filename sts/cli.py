@@ -216,15 +216,15 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from sts.dev import run
+    from sts.dev.environment import run
 
     configure_logging("INFO")
     return run(args.state_dir, args.port)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Exit 0 only if every step of the story behaved as it must (``sts.demo_story``)."""
-    from sts.demo_story import run
+    """Exit 0 only if every step of the story behaved as it must (``sts.dev.story``)."""
+    from sts.dev.story import run
 
     configure_logging("WARNING")
     return run(args.state_dir)

@@ -33,8 +33,8 @@ from sts.client import (
     TokenClient,
     error_from_response,
 )
-from sts.demo_services import LoopbackService, data_app, tool_app
-from sts.demo_story import free_port_pair
+from sts.dev.services import LoopbackService, data_app, tool_app
+from sts.dev.story import free_port_pair
 from sts.errors import (
     InvalidRequest,
     InvalidScope,

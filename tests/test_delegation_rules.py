@@ -56,7 +56,7 @@ ORCHESTRATOR = "spiffe://example.org/orchestrator"
 SEARCH = "spiffe://example.org/tool/web-search"
 CALC = "spiffe://example.org/tool/calc"
 CRM = "spiffe://example.org/data/crm"
-DEMO_POLICIES = Path(__file__).resolve().parent.parent / "sts" / "demo" / "policies"
+DEMO_POLICIES = Path(__file__).resolve().parent.parent / "sts" / "dev" / "policies"
 
 # An explicit permit for the one crossing the tests open: web search may turn the agent's tool
 # token into a CRM read token, nothing else. Without the annotation the same permit opens nothing.

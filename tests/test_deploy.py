@@ -258,7 +258,7 @@ DOCKERIGNORE_CASES = [
     ("pyproject.toml", False),
     ("README.md", False),
     ("sts/cli.py", False),
-    ("sts/demo/policies/10-tools.cedar", False),
+    ("sts/dev/policies/10-tools.cedar", False),
     ("sts/schema.cedarschema", False),
     ("spire/workload.proto", False),
     ("spire/dev-workloads.yaml", False),
@@ -574,10 +574,10 @@ def test_every_values_key_is_documented():
 
 def test_default_policies_are_the_demo_policies(values):
     demo = {
-        p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "sts/demo/policies").glob("*.cedar"))
+        p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "sts/dev/policies").glob("*.cedar"))
     }
     assert values["policies"] == demo, (
-        "helm/sts/values.yaml policies must be the demo policies of sts/demo/policies, byte for byte"
+        "helm/sts/values.yaml policies must be the demo policies of sts/dev/policies, byte for byte"
     )
 
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 from spiffe import WorkloadApiClient
 
-from sts.demo_story import free_port_pair
+from sts.dev.story import free_port_pair
 
 DEMO_WORKLOADS = {"agent", "orchestrator", "tool", "data", "admin", "partner"}
 

@@ -25,7 +25,7 @@ from mcp.server.mcpserver import MCPServer
 
 from sts.binding import DpopKey
 from sts.client import TokenClient
-from sts.demo_story import free_port_pair
+from sts.dev.story import free_port_pair
 from sts.mcp_verifier import McpTokenVerifier
 from tests.test_client import DATA, TOOL, Dev, running_dev
 

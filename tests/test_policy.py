@@ -21,7 +21,7 @@ from sts.policy import (
 )
 from sts.spiffeid import SpiffeId
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "sts" / "demo" / "policies"
+EXAMPLES = Path(__file__).resolve().parent.parent / "sts" / "dev" / "policies"
 NOW = 1_700_000_000  # 2023-11-14 22:13:20 UTC, a Tuesday
 
 WEB_SEARCH = CatalogEntry(

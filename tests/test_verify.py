@@ -27,7 +27,7 @@ from flask import Flask
 
 from sts.binding import DpopKey, b64url
 from sts.client import CachedJwtSvid, TokenClient, WorkloadApiSvids
-from sts.demo_services import LoopbackService, tool_app
+from sts.dev.services import LoopbackService, tool_app
 from sts.errors import TemporarilyUnavailable
 from sts.keys import thumbprint
 from sts.verify import (

@@ -8,7 +8,7 @@ that it did; the exit code is 0 only if all of them behaved.
 
 Each party uses the libraries a real one would: :class:`sts.client.TokenClient` over its own
 Workload API socket from ``dev.json``, and :class:`sts.verify.TokenVerifier` in the two demo
-services (``sts.demo_services``). Without ``--state-dir`` a private ``sts dev`` is started in a
+services (``sts.dev.services``). Without ``--state-dir`` a private ``sts dev`` is started in a
 temporary directory and stopped at the end.
 """
 
@@ -33,7 +33,7 @@ from spiffe.errors import PySpiffeError
 
 from sts.binding import DpopKey
 from sts.client import AccessToken, RequestsTokenAuth, TokenClient, TokenRequest
-from sts.demo_services import LoopbackService, data_app, tool_app
+from sts.dev.services import LoopbackService, data_app, tool_app
 from sts.errors import InvalidRequest, StsError
 from sts.verify import TokenVerifier
 

@@ -31,13 +31,13 @@ from cryptography.hazmat.primitives import serialization
 import spire
 from spire.registry import Registry
 from spire.server import DevWorkloadApi
-from sts.dev_lock import StateDirLock
+from sts.dev.lock import StateDirLock
 from sts.netcheck import check_port_free
 
 log = logging.getLogger(__name__)
 
 DEMO_REGISTRATION = Path(spire.__file__).resolve().parent / "dev-workloads.yaml"
-DEMO_POLICIES = Path(__file__).resolve().parent / "demo" / "policies"
+DEMO_POLICIES = Path(__file__).resolve().parent / "policies"
 DEMO_WORKLOADS = ("agent", "orchestrator", "tool", "data", "admin", "partner")
 STS_WORKLOAD = "sts"
 READY_TIMEOUT_SECONDS = 60.0
