@@ -11,7 +11,7 @@ import pytest
 
 from sts.config import load_settings
 from sts.runtime import build_services
-from sts.web import create_app
+from sts.web.app import create_app
 from tests.authority import TestAuthority
 from tests.conftest import write_config
 
