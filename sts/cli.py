@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(path: Path) -> Settings:
     settings = load_settings(path)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return settings
 
 

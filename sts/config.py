@@ -154,6 +154,7 @@ class Settings:
     server: ServerSettings
     log_level: str
     source: str = "<defaults>"
+    log_format: str = "text"  # logging.format: text (one escaped line) or json (one object per line)
     # The base URL of this issuer's TLS (mTLS) listener, when it has one: RFC 8705 §5
     # ``mtls_endpoint_aliases`` point there, from both listeners' (identical) metadata.
     mtls_url: str | None = None
@@ -316,6 +317,7 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "STS_POLICY_DIR": "policy.dir",
     "STS_AUDIT_PATH": "audit.path",
     "STS_LOG_LEVEL": "log_level",
+    "STS_LOG_FORMAT": "logging.format",
     "STS_WORKERS": "server.workers",
 }
 
@@ -451,9 +453,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         server_section.fail(server_section.key("drain_timeout"), "must be between 1 and 300 seconds")
     server_section.done()
 
-    log_level = top.get("log_level", str, "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        top.fail("log_level", "must be one of debug, info, warning, error")
+    log_level, log_format = _logging(top)
     top.done()
 
     return Settings(
@@ -474,6 +474,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         log_level=log_level,
         source=tree.source,
         mtls_url=mtls_url,
+        log_format=log_format,
     )
 
 
@@ -537,6 +538,19 @@ def _workload_api(
         )
     section.done()
     return settings
+
+
+def _logging(top: _Section) -> tuple[str, str]:
+    """``log_level`` and ``logging.format`` (``text``: escaped lines; ``json``: one object per line)."""
+    log_level = top.get("log_level", str, "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        top.fail("log_level", "must be one of debug, info, warning, error")
+    section = top.section("logging")
+    log_format = section.get("format", str, "text")
+    if log_format not in ("text", "json"):
+        section.fail(section.key("format"), "must be text or json")
+    section.done()
+    return log_level, log_format
 
 
 def _mtls_url(top: _Section, tls: TlsSettings | None) -> str | None:

@@ -136,6 +136,12 @@ class IssuedToken:
     token_type: str = "Bearer"
     issued_token_type: str = TOKEN_TYPE_ACCESS_TOKEN
     jti: str = ""
+    # For the one log line per issued token (never the token itself): who, for what, bound how.
+    subject: str = ""
+    target: str = ""
+    token_class: str = ""
+    task_id: str | None = None
+    binding: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -480,6 +486,11 @@ class TokenExchange:
             token_type="DPoP" if "jkt" in cnf else "Bearer",
             issued_token_type=requested_token_type,
             jti=jti,
+            subject=claims["sub"],
+            target=entry.id,
+            token_class=entry.token_class.value,
+            task_id=claims.get("task_id"),
+            binding="dpop" if "jkt" in cnf else ("mtls" if cnf else "none"),
         )
 
     def _check_rate(self, spiffe_id: SpiffeId, now: float) -> None:

@@ -1,4 +1,4 @@
-"""Logging in which a caller can never forge a record (issue 11: log injection).
+"""Logging in which a caller can never forge a record (issue 11: log injection), as text or JSON lines.
 
 Caller-controlled text reaches log lines in many places (a parameter name, a URL path, a header, an
 exception message). Instead of escaping at each call site, every record of the process goes through
@@ -7,15 +7,25 @@ character (C0, DEL, C1, and the Unicode line/paragraph separators) become ``\\xN
 and backslashes are doubled, so one record is always exactly one line and the escaping cannot be
 undone by the input. A traceback (only ever from our own bugs) keeps its lines, each indented under
 its record, so no continuation line can look like the start of a record.
+
+``logging.format: json`` writes one JSON object per line instead (time, level, logger, message, and
+the request fields a record carries: ``request_id``, ``sub``, ``target``, ...): JSON string escaping
+gives the same guarantee. Every component logs through the root logger (uvicorn is configured with
+``log_config=None``), so one format holds for the whole process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+import time
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
+# Fields a record may carry (``extra=``) that the JSON form writes as members of their own.
+JSON_FIELDS = ("request_id", "sub", "target", "token_class", "task_id", "binding", "jti", "error")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
 
 
@@ -47,6 +57,26 @@ class SafeFormatter(logging.Formatter):
         return "\n".join("    | " + escape(line) for line in stack_info.splitlines())
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line; a traceback is one string member (``exception``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in JSON_FIELDS:
+            value = record.__dict__.get(field)
+            if value is not None:
+                document[field] = value
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=True, default=str)
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced)."""
 
@@ -62,8 +92,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def configure_logging(level: str | int) -> None:
-    """Our handler (stderr, :class:`SafeFormatter`) on the root logger, once; the level as given.
+def configure_logging(level: str | int, log_format: str = "text") -> None:
+    """Our handler (stderr, :class:`SafeFormatter` or :class:`JsonFormatter`) on the root logger,
+    once; the level as given.
 
     Handlers someone else installed (an embedding application, a test runner) are left alone.
     """
@@ -71,6 +102,6 @@ def configure_logging(level: str | int) -> None:
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)
     handler = _StderrHandler()
-    handler.setFormatter(SafeFormatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else SafeFormatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)

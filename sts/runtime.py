@@ -49,22 +49,48 @@ class Services:
     refusals: RefusalLimiter
     watcher: WorkloadApiWatcher | None = None
 
-    def readiness(self) -> list[str]:
-        """What stops this process from serving correctly right now (empty: ready)."""
+    def readiness(self) -> Readiness:
+        """What stops this process from serving correctly right now (no problems: ready), what an
+        operator should know although it serves (warnings), and where each trust domain stands."""
         problems = self.trust.readiness()
+        warnings: list[str] = []
         try:
             self.store.ping()
         except StoreUnavailable as e:
             log.warning("not ready: state store: %s", e.detail)
             problems.append(f"state store: {e.description}")
+        from_workload_api = {t.trust_domain for t in self.settings.trust_domains if t.workload_api}
+        domains: dict[str, dict[str, object]] = {}
+        served_configured = 0
         for trust_domain in sorted(self.trust.trust_domains, key=str):
+            source = "workload-api" if trust_domain in from_workload_api else "file"
             try:
                 bundle = self.trust.bundle_for(trust_domain)
             except TemporarilyUnavailable:
+                domains[str(trust_domain)] = {"source": source, "available": False}
                 continue  # the trust store reported it
-            if bundle is None or not bundle.jwt_authorities:
+            jwt_keys = len(bundle.jwt_authorities) if bundle else 0
+            x509_authorities = len(bundle.x509_authorities) if bundle else 0
+            domains[str(trust_domain)] = {
+                "source": source,
+                "available": True,
+                "jwt_authorities": jwt_keys,
+                "x509_authorities": x509_authorities,
+            }
+            if jwt_keys:
+                served_configured += 1
+            elif source == "workload-api":
+                warnings.append(
+                    f"trust domain {trust_domain} is configured (bundle: workload-api) but the Workload "
+                    "API does not serve it: federate it with this SPIRE server, or remove it; its SVIDs "
+                    "are refused"
+                )
+            else:
                 problems.append(f"trust domain {trust_domain}: no JWT authorities")
-        return problems
+        if self.trust.trust_domains and not served_configured and not problems:
+            problems.append("no configured trust domain has JWT authorities: no SVID can be verified")
+        served = self.watcher.served_trust_domains() if self.watcher is not None else None
+        return Readiness(problems, warnings, domains, served)
 
     def close(self) -> None:
         """Stop background streams and close the audit log (tests, and the parent of the workers)."""
@@ -73,6 +99,28 @@ class Services:
             self.watcher.stop()
         self.store.close()
         self.audit.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """``/readyz``: ready when ``problems`` is empty; ``served`` is every trust domain the Workload
+    API delivers (None without a Workload API, or before its first update)."""
+
+    problems: list[str]
+    warnings: list[str]
+    trust_domains: dict[str, dict[str, object]]
+    served: list[str] | None
+
+    def to_json(self) -> dict[str, object]:
+        document: dict[str, object] = {
+            "status": "ready" if not self.problems else "not ready",
+            "problems": self.problems,
+            "warnings": self.warnings,
+            "trust_domains": self.trust_domains,
+        }
+        if self.served is not None:
+            document["workload_api_serves"] = self.served
+        return document
 
 
 def build_trust_store(settings: Settings, *, connect: bool) -> tuple[TrustStore, WorkloadApiWatcher | None]:

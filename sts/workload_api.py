@@ -110,6 +110,16 @@ class WorkloadApiWatcher:
             self._check_fresh()
             return self._bundles.get(trust_domain)
 
+    def served_trust_domains(self) -> list[str] | None:
+        """Every trust domain the Workload API delivers now (configured or not); None before the
+        first update or once the streams are stale."""
+        with self._lock:
+            try:
+                self._check_fresh()
+            except TemporarilyUnavailable:
+                return None
+            return sorted(str(td) for td in self._bundles)
+
     def _check_fresh(self) -> None:
         health = self._health["jwt"]
         if health.updated_at is None:

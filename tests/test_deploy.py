@@ -729,7 +729,8 @@ def test_configmap_config_and_policies_load(values, overrides, tmp_path):
 
 
 def test_default_config_has_no_partner_until_federated(values):
-    """An unfederated trust domain would keep /readyz failing forever: partner.test is opt-in."""
+    """An unfederated trust domain is a standing /readyz warning and its SVIDs are refused: partner.test
+    is opt-in."""
     assert list(values["config"]["trust_domains"]) == [values["spiffe"]["trustDomain"]]
 
 

@@ -6,16 +6,20 @@ Unicode line separators; then every line of the server's log must be one of its 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import time
 from urllib.parse import quote
 
+import jwt
+import pytest
 import requests
 
 from sts.logsafe import SafeFormatter, escape
-from tests.conftest import RunningServer
+from tests.authority import TestAuthority
+from tests.conftest import RunningServer, free_port, running_server, write_config
 
 FORGED = "2026-12-02 00:00:00,000 INFO sts.web: FORGED"
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
@@ -49,7 +53,9 @@ def test_injected_line_breaks_stay_inside_one_record(server: RunningServer) -> N
 
 
 def test_the_formatter_escapes_every_control_character_reversibly() -> None:
-    record = logging.LogRecord("sts", logging.INFO, __file__, 1, "refused %s", ("a\nb\r\x00\x1b\\n\u2028",), None)
+    record = logging.LogRecord(
+        "sts", logging.INFO, __file__, 1, "refused %s", ("a\nb\r\x00\x1b\\n\u2028",), None
+    )
     text = SafeFormatter("%(message)s").format(record)
     assert text == "refused a\\x0ab\\x0d\\x00\\x1b\\\\n\\u2028"
     assert "\n" not in text
@@ -69,3 +75,58 @@ def test_a_traceback_stays_under_its_record() -> None:
     first, *rest = text.split("\n")
     assert first == "failed"
     assert rest and all(line.startswith("    | ") for line in rest)
+
+
+def _exchange(server: RunningServer, example: TestAuthority, **extra: str) -> requests.Response:
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": example.mint("spiffe://example.org/agent/researcher", server.issuer),
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "audience": "tool:calc",
+        "scope": "invoke",
+    } | extra
+    return requests.post(f"{server.url}/token", data=form, timeout=5)
+
+
+def test_one_info_line_per_issued_token_never_the_token(
+    server: RunningServer, example_org: TestAuthority
+) -> None:
+    response = _exchange(server, example_org, **{})
+    assert response.status_code == 200, response.text
+    token, rid = response.json()["access_token"], response.headers["X-Request-Id"]
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    time.sleep(0.3)
+    log = (server.directory / "server.log").read_text()
+    lines = [line for line in log.splitlines() if f"request {rid})" in line]
+    assert len(lines) == 1, lines
+    assert (
+        "INFO sts.web: issued tool token for tool:calc to spiffe://example.org/agent/researcher" in lines[0]
+    )
+    assert f"jti {jti}" in lines[0] and "binding none" in lines[0]
+    assert token not in log and token.split(".")[2] not in log
+
+
+def test_json_log_lines_carry_the_request_fields(
+    tmp_path_factory: pytest.TempPathFactory, example_org: TestAuthority, partner_test: TestAuthority
+) -> None:
+    directory = tmp_path_factory.mktemp("json-log")
+    port = free_port()
+    config = write_config(directory, port, example_org, partner_test)
+    config.write_text(config.read_text() + "logging: {format: json}\n")
+    with running_server(config, port) as server:
+        issued = _exchange(server, example_org)
+        refused = _exchange(server, example_org, audience="tool:nowhere\nFORGED")
+        time.sleep(0.3)
+    records = [json.loads(line) for line in (directory / "server.log").read_text().splitlines() if line]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    by_request = {r.get("request_id"): r for r in records if r.get("logger") == "sts.web"}
+    ok = by_request[issued.headers["X-Request-Id"]]
+    assert (ok["level"], ok["sub"], ok["target"], ok["token_class"]) == (
+        "INFO",
+        "spiffe://example.org/agent/researcher",
+        "tool:calc",
+        "tool",
+    )
+    assert ok["jti"] and issued.json()["access_token"] not in json.dumps(records)
+    bad = by_request[refused.headers["X-Request-Id"]]
+    assert bad["error"] == "invalid_target" and "\n" not in bad["message"]

@@ -148,3 +148,48 @@ def test_not_ready_before_the_first_update(tmp_path: Path) -> None:
             watcher.bundle(EXAMPLE)
     finally:
         watcher.stop()
+
+
+def test_readyz_lists_what_the_workload_api_serves_and_warns_about_the_rest(
+    api: DevWorkloadApi, tmp_path: Path
+) -> None:
+    """Issue 13 item 13: /readyz names the trust domains the Workload API serves; a configured one it
+    does not serve is a warning (its SVIDs are refused), not a reason to stop serving the others."""
+    import requests
+
+    from tests.conftest import free_port, running_server
+
+    port = free_port()
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "agents.cedar").write_text(
+        '@id("agents") permit(principal, action, resource) when { principal.path like "/agent/*" };\n'
+    )
+    config = tmp_path / "sts.yaml"
+    config.write_text(
+        f"issuer: http://127.0.0.1:{port}\n"
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        "trust_domains:\n"
+        "  example.org: {bundle: workload-api}\n"
+        "  partner.test: {bundle: workload-api}\n"
+        "  unfederated.test: {bundle: workload-api}\n"
+        f"workload_api: {{socket: '{api.socket_for('sts')}'}}\n"
+        f"keys: {{dir: {tmp_path / 'keys'}}}\n"
+        f"store: {{url: 'sqlite:///{tmp_path}/sts.db'}}\n"
+        "policy: {dir: policies}\n"
+        "catalog:\n  - {id: tool:calc, class: tool, scopes: [invoke]}\n"
+        "server: {workers: 1}\n"
+    )
+    with running_server(config, port) as server:
+        response = requests.get(f"{server.url}/readyz", timeout=5)
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["workload_api_serves"] == ["example.org", "partner.test"]
+    assert body["trust_domains"]["example.org"]["jwt_authorities"] >= 1
+    assert body["trust_domains"]["unfederated.test"] == {
+        "source": "workload-api",
+        "available": True,
+        "jwt_authorities": 0,
+        "x509_authorities": 0,
+    }
+    assert len(body["warnings"]) == 1 and "unfederated.test" in body["warnings"][0]
+    assert body["problems"] == []

@@ -147,7 +147,7 @@ class StsHttp:
 def services_from_env() -> Services:
     """The services of one worker process: config from ``STS_CONFIG`` (set by ``sts serve``)."""
     settings = load_settings(config_path_from_env())
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return build_services(settings)
 
 

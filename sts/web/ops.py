@@ -17,8 +17,10 @@ def healthz() -> Response:
 
 @ops.get("/readyz")
 def readyz() -> Response:
-    """Ready only when every trust domain has a bundle with JWT authorities (later: the store answers)."""
-    problems = services().readiness()
-    response = jsonify(status="ready" if not problems else "not ready", problems=problems)
-    response.status_code = 200 if not problems else 503
+    """Ready (200) only when the store answers and the trust domains can be verified; the body lists
+    every trust domain, what the Workload API serves, and warnings (e.g. a configured trust domain
+    the Workload API does not serve) that do not stop serving."""
+    readiness = services().readiness()
+    response = jsonify(readiness.to_json())
+    response.status_code = 200 if not readiness.problems else 503
     return response

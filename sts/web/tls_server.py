@@ -308,7 +308,7 @@ def _worker(config_path: Path, sock: socket.socket, drain_seconds: float) -> int
     from sts.runtime import build_services
 
     settings = load_settings(config_path)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     services = build_services(settings)
     assert settings.listen.tls is not None  # noqa: S101 (serve_tls is only called with listen.tls)
     tls = ServerTls(settings.listen.tls, services.trust, services.watcher)

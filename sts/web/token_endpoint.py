@@ -119,13 +119,38 @@ class TokenEndpoint:
         except Exception:  # a bug: logged with its traceback, answered generically (never the detail)
             log.exception("unexpected error serving POST /token (request %s)", rid)
             return self._respond(500, StsError().to_json(), rid, [])
+        log.info(
+            "issued %s token for %s to %s (task %s, binding %s, jti %s, request %s)",
+            issued.token_class,
+            issued.target,
+            issued.subject,
+            issued.task_id or "-",
+            issued.binding,
+            issued.jti,
+            rid,
+            extra={
+                "request_id": rid,
+                "sub": issued.subject,
+                "target": issued.target,
+                "token_class": issued.token_class,
+                "task_id": issued.task_id,
+                "binding": issued.binding,
+                "jti": issued.jti,
+            },
+        )
         return self._respond(200, issued.to_json(), rid, [("Pragma", "no-cache")])
 
     def _refusal(self, error: StsError, rid: str) -> HttpResponse:
         level = logging.ERROR if error.status >= 500 else logging.INFO
         detail = f" [{error.detail}]" if error.detail else ""
         log.log(
-            level, "refused POST /token: %s %s%s (request %s)", error.error, error.description, detail, rid
+            level,
+            "refused POST /token: %s %s%s (request %s)",
+            error.error,
+            error.description,
+            detail,
+            rid,
+            extra={"request_id": rid, "error": error.error},
         )
         return error_answer(error, [("X-Request-Id", rid)])
 
