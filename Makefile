@@ -2,23 +2,42 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
+PORT ?= 8443
+# The Python the project needs (pyproject.toml requires-python); checked before anything is built.
+PYTHON_MIN := 3.11
 
-.PHONY: run test lint typecheck unit clean bench bench-peer system-deps node-deps
+.PHONY: run test lint typecheck unit clean bench bench-peer system-deps node-deps python-version
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+## python-version: refuse a Python older than $(PYTHON_MIN), and a .venv made by one (it is rebuilt)
+python-version:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
+	  echo "this project needs Python >= $(PYTHON_MIN); $(PYTHON) is $$($(PYTHON) -V 2>&1). Use PYTHON=python3.11 (or newer)."; exit 2; }
+	@if [ -x $(BIN)/python ] && ! $(BIN)/python -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then \
+	  echo "$(VENV) was made by $$($(BIN)/python -V 2>&1); rebuilding it with $(PYTHON)"; rm -rf $(VENV); fi
+
+$(BIN)/python: | python-version
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# What running needs (make run): the package and its dependencies only.
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $(RUN_STAMP)
+
+# What testing needs besides: linters, type checker, pytest, the third-party interop clients.
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
+	@touch $(STAMP) $(RUN_STAMP)
 
 ## run: the development environment end to end (`sts dev`): Workload API server + STS; it prints what to
 ## try, including `sts demo --state-dir state/dev`, the whole agent story against it
-run: $(STAMP)
-	$(BIN)/sts dev --state-dir state/dev --port 8443
+run: python-version $(RUN_STAMP)
+	$(BIN)/sts dev --state-dir state/dev --port $(PORT)
 
 ## test: lint, type-check, then the whole suite
-test: lint typecheck unit
+test: python-version lint typecheck unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check sts spire tests bench
