@@ -156,3 +156,36 @@ def test_a_stuck_worker_does_not_keep_the_server_alive(
     assert nothing_left(process.pid), group_members(process.pid)
     assert took < 12, took  # drain (1 s) + uvicorn's 5 s ping timeout + the shutdown margin
     assert port_is_free(port)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("keys: {dir: keys}", "keys: {dir: keys, generate: false}"), "keys.generate is false"),
+        (("store: {url: 'sqlite:///", "store: {url: 'sqlite:////proc/no-such-dir/"), "cannot start"),
+        (("example.org: {bundle_file: example.org.json}", "example.org: {bundle_file: missing.json}"), ""),
+    ],
+    ids=["no-provisioned-keys", "store-cannot-open", "bundle-file-missing"],
+)
+def test_start_up_failures_are_one_line_and_exit_2(
+    tmp_path: Path,
+    example_org: TestAuthority,
+    partner_test: TestAuthority,
+    change: tuple[str, str],
+    message: str,
+) -> None:
+    config, _ = serve_config(tmp_path, example_org, partner_test)
+    text = config.read_text()
+    assert change[0] in text
+    config.write_text(text.replace(change[0], change[1]))
+    result = subprocess.run(
+        [sys.executable, "-m", "sts.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sts: ") and message in result.stderr, result.stderr
