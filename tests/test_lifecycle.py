@@ -162,7 +162,7 @@ def test_a_stuck_worker_does_not_keep_the_server_alive(
     ("change", "message"),
     [
         (("keys: {dir: keys}", "keys: {dir: keys, generate: false}"), "keys.generate is false"),
-        (("store: {url: 'sqlite:///", "store: {url: 'sqlite:////proc/no-such-dir/"), "cannot start"),
+        (("store: {url: 'sqlite:///", "store: {url: 'sqlite:////proc/no-such-dir/"), "cannot open the store"),
         (("example.org: {bundle_file: example.org.json}", "example.org: {bundle_file: missing.json}"), ""),
     ],
     ids=["no-provisioned-keys", "store-cannot-open", "bundle-file-missing"],
