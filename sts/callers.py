@@ -67,7 +67,9 @@ class CallerAuthenticator:
                 )
             if client_certificates:
                 raise InvalidRequest("authenticate one way: TLS certificate or client assertion, not both")
-            svid = verify_client_assertion(self._verifier, client_assertion, client_assertion_type, now=now)
+            svid = verify_client_assertion(
+                (self._verifier,), client_assertion, client_assertion_type, now=now
+            )
             return self._not_cut_off(Caller(svid.spiffe_id, "spiffe_jwt"), now)
         if not authorization and client_certificates:
             try:

@@ -496,10 +496,12 @@ class TokenClient:
             form["resource"] = str(want.resource)
         if want.task_id is not None:
             form["task_id"] = want.task_id
-        if want.client_assertion:
-            form["client_assertion_type"] = CLIENT_ASSERTION_TYPE_JWT_SPIFFE
-            form["client_assertion"] = self._svids.jwt_svid(self.issuer)
         endpoint = self.token_endpoint
+        if want.client_assertion:
+            # RFC 7523 §3: audience = the token endpoint URL, so a SPIRE agent (one cached SVID per
+            # audience set) hands out an SVID distinct from the subject token.
+            form["client_assertion_type"] = CLIENT_ASSERTION_TYPE_JWT_SPIFFE
+            form["client_assertion"] = self._svids.jwt_svid(endpoint)
         if want.mtls:
             if self.mtls_token_endpoint is None:
                 raise ValueError("mtls needs mtls_token_endpoint (the STS's TLS listener)")

@@ -214,6 +214,7 @@ class TokenExchange:
         token_urls: tuple[str, ...],
         issued_claims: Callable[[str, float], dict[str, Any] | None],
         max_delegation_depth: int,
+        assertion_verifiers: Sequence[JwtSvidVerifier] = (),
     ) -> None:
         self.issued_claims = issued_claims
         self.max_delegation_depth = max_delegation_depth
@@ -225,6 +226,8 @@ class TokenExchange:
         self.limits = limits
         self.issuer = issuer
         self.verifier = verifier
+        # jwt-spiffe client assertions: audience = the issuer, or one of this listener's token URLs.
+        self.assertion_verifiers = tuple(assertion_verifiers) or (verifier,)
         self.catalog = catalog
         self.policy = policy
         self.keys = keys
@@ -523,11 +526,15 @@ class TokenExchange:
         if not assertion:
             return None
         svid = verify_client_assertion(
-            self.verifier, request.client_assertion, request.client_assertion_type, now=now
+            self.assertion_verifiers, request.client_assertion, request.client_assertion_type, now=now
         )
         if request.client_assertion in (request.subject_token, request.actor_token):
-            # Replaying the subject's own bearer SVID proves nothing more than holding it.
-            raise InvalidClient("client_assertion must be a JWT-SVID of its own, not the subject or actor")
+            # Replaying the subject's own bearer SVID proves nothing more than holding it. A SPIRE agent
+            # returns one cached SVID per audience set: ask for the assertion with aud = token endpoint.
+            raise InvalidClient(
+                "client_assertion must be a JWT-SVID of its own, not the subject or actor token: fetch it "
+                "with the token endpoint URL as audience (a SPIRE agent caches one SVID per audience)"
+            )
         return ClientIdentity(svid.spiffe_id, "spiffe_jwt")
 
     def _check_client_binding(

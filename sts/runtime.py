@@ -195,9 +195,22 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         issuer=settings.issuer, keys=keys, store=store, catalog=settings.catalog, audit=audit
     )
     x509_verifier = X509SvidVerifier(trust)
+    token_urls = _token_urls(settings)
+    # RFC 7523 §3: a client assertion names this issuer or the token endpoint it is sent to.
+    tokens = settings.tokens
+    assertion_verifiers = (
+        verifier,
+        *(
+            JwtSvidVerifier(
+                trust, url, leeway_seconds=tokens.svid_leeway, max_token_bytes=tokens.max_svid_bytes
+            )
+            for url in token_urls
+        ),
+    )
     exchange = TokenExchange(
         issuer=settings.issuer,
         verifier=verifier,
+        assertion_verifiers=assertion_verifiers,
         catalog=settings.catalog,
         policy=policy,
         keys=keys,
@@ -210,7 +223,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         x509=x509_verifier,
         issued_claims=introspection.active_claims,
         max_delegation_depth=settings.tokens.max_delegation_depth,
-        token_urls=_token_urls(settings),
+        token_urls=token_urls,
     )
     return Services(
         settings=settings,

@@ -256,3 +256,53 @@ def test_a_dpop_proof_for_the_other_listener_is_refused(
         timeout=10,
     )
     assert (response.status_code, response.json()["error"]) == (400, "invalid_dpop_proof"), response.text
+
+
+@pytest.mark.parametrize(
+    ("audience", "accepted"),
+    [
+        ("issuer", True),
+        ("this-token-endpoint", True),
+        ("other-listener-token-endpoint", False),
+        ("token-endpoint-and-another", False),
+    ],
+)
+def test_client_assertion_audience_is_the_issuer_or_this_token_endpoint(
+    interop: Interop, example_org: TestAuthority, audience: str, accepted: bool
+) -> None:
+    """RFC 7523 §3: the assertion's one audience identifies this server (issuer or token endpoint
+    URL), so a SPIRE agent's cache yields an assertion distinct from the subject token (issue 14)."""
+    here = f"{interop.plain.url}/token"
+    aud: str | list[str] = {
+        "issuer": interop.issuer,
+        "this-token-endpoint": here,
+        "other-listener-token-endpoint": f"{interop.tls.url}/token",
+        "token-endpoint-and-another": [here, "https://elsewhere.test"],
+    }[audience]
+    response = exchange(
+        interop,
+        example_org,
+        client_assertion_type=CLIENT_ASSERTION_TYPE_JWT_SPIFFE,
+        client_assertion=example_org.mint(AGENT, aud),
+    )
+    if accepted:
+        assert response.status_code == 200, response.text
+        claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+        assert claims["client_id"] == AGENT
+    else:
+        assert (response.status_code, response.json()["error"]) == (401, "invalid_client"), response.text
+
+
+def test_the_subject_token_again_as_assertion_is_refused_with_the_remedy(
+    interop: Interop, example_org: TestAuthority
+) -> None:
+    subject = example_org.mint(AGENT, interop.issuer)
+    response = exchange(
+        interop,
+        example_org,
+        subject_token=subject,
+        client_assertion_type=CLIENT_ASSERTION_TYPE_JWT_SPIFFE,
+        client_assertion=subject,
+    )
+    assert (response.status_code, response.json()["error"]) == (401, "invalid_client")
+    assert "token endpoint URL as audience" in response.json()["error_description"]
