@@ -1,8 +1,10 @@
-"""The ``sts`` command: ``serve``, ``dev``, ``workload-api``, ``svid``, ``policy check``, ``keys create``,
-``audit verify``.
+"""The ``sts`` command: ``serve``, ``config check``, ``dev``, ``demo``, ``workload-api``, ``svid``,
+``policy check``, ``keys create``, ``audit verify``; ``sts --version``.
 
 Exit codes: 0 success (for ``policy check``: allowed), 1 a negative answer (denied, audit chain
 broken), 2 a usage or configuration error, with a message naming the key.
+
+Argument parsing and printing only: what a command does lives in the module it imports.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from sts.config import CONFIG_ENV, Settings, load_settings
 from sts.errors import ConfigError, StsError
 from sts.logsafe import configure_logging
 from sts.netcheck import check_port_free
-from sts.policy import BINDINGS, CLIENT_AUTH_METHODS
+from sts.policy import BINDINGS, CLIENT_AUTH_METHODS, SUBJECT_TOKEN_CLASSES
 
 log = logging.getLogger("sts")
 
 EXIT_OK, EXIT_NO, EXIT_CONFIG = 0, 1, 2
+DISTRIBUTION = "sts"  # pyproject.toml [project] name
+SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
+DEFAULT_TASK_SECONDS = 3600
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,60 +47,199 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
+def version() -> str:
+    """``sts <version>`` of the installed distribution."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return f"{DISTRIBUTION} {installed_version(DISTRIBUTION)}"
+    except PackageNotFoundError:
+        return f"{DISTRIBUTION} (version unknown: the {DISTRIBUTION} distribution is not installed)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's ``(default: …)``, except where there is none to show (None, False, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == "" or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    text: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=text, description=description or text, formatter_class=_HelpFormatter
+    )
+
+
+def _config_option(parser: argparse.ArgumentParser, text: str = "the YAML configuration file") -> None:
+    parser.add_argument("--config", type=Path, required=True, metavar="FILE", help=text)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sts", description="SPIFFE workload-identity token exchange server")
+    parser = argparse.ArgumentParser(
+        prog="sts",
+        description="SPIFFE workload-identity token exchange server",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=version())
     commands = parser.add_subparsers(title="commands")
 
-    serve = commands.add_parser("serve", help="run the token exchange server")
-    serve.add_argument("--config", type=Path, required=True, help="the YAML configuration file")
+    serve = _command(commands, "serve", "run the token exchange server")
+    _config_option(serve)
     serve.set_defaults(run=_serve)
 
-    policy = commands.add_parser("policy", help="policy tools").add_subparsers(title="policy commands")
-    check = policy.add_parser("check", help="print the decision for one request and why")
-    check.add_argument("--config", type=Path, required=True)
-    check.add_argument("--spiffe-id", required=True, help="the workload's SPIFFE ID")
-    target = check.add_mutually_exclusive_group(required=True)
-    target.add_argument("--audience", help="catalog id of the target")
-    target.add_argument("--resource", help="resource URI of the target")
-    check.add_argument("--scope", required=True, help="space-separated scopes")
-    check.add_argument("--actor", help="SPIFFE ID of an acting party (delegation)")
-    check.add_argument("--client-auth", default="none", choices=sorted(CLIENT_AUTH_METHODS))
-    check.add_argument("--binding", default="none", choices=sorted(BINDINGS), help="token binding to assume")
+    config = _command(commands, "config", "configuration tools").add_subparsers(title="config commands")
+    config_check = _command(
+        config,
+        "check",
+        "check a configuration as sts serve would, and print what it found",
+        "Load the settings, the policies, the trust bundles from files and the signing keys, and "
+        "parse the store URL, as sts serve does before it starts workers, without changing anything "
+        "(no key is created or rotated, nothing is connected to). Exit 0 when sts serve would start, "
+        "2 with one line per problem otherwise.",
+    )
+    _config_option(config_check)
+    config_check.set_defaults(run=_config_check)
+
+    policy = _command(commands, "policy", "policy tools").add_subparsers(title="policy commands")
+    check = _command(
+        policy,
+        "check",
+        "print the decision for one request and why",
+        "Ask the policies of a configuration what they decide for one exchange, given the context the "
+        "exchange would give Cedar, and print ALLOW or DENY with the policies that decided it. Nothing "
+        "is verified: the flags state what the exchange would have verified. Exit 0 allow, 1 deny.",
+    )
+    _policy_check_arguments(check)
     check.set_defaults(run=_policy_check)
 
-    keys = commands.add_parser("keys", help="signing key tools").add_subparsers(title="key commands")
-    create = keys.add_parser("create", help="provision a new production signing key per token class")
-    create.add_argument("--config", type=Path, required=True)
+    keys = _command(commands, "keys", "signing key tools").add_subparsers(title="key commands")
+    create = _command(keys, "create", "provision a new production signing key per token class")
+    _config_option(create)
     create.set_defaults(run=_keys_create)
 
-    dev = commands.add_parser("dev", help="the development Workload API server and the STS together")
+    dev = _command(
+        commands,
+        "dev",
+        "the development Workload API server and the STS together",
+        "The development Workload API server and the STS together: the STS listens on 127.0.0.1:PORT "
+        "(plain HTTP) and on 127.0.0.1:PORT+1 (TLS, optional client certificates).",
+    )
     dev.add_argument(
         "--state-dir", type=Path, default=Path("state/dev"), help="keys, database, sockets, dev.json"
     )
-    dev.add_argument("--port", type=int, default=8443)
+    dev.add_argument(
+        "--port",
+        type=int,
+        default=8443,
+        help="the plain HTTP listener; the TLS (mTLS) listener uses --port + 1",
+    )
     dev.set_defaults(run=_dev)
 
-    demo = commands.add_parser("demo", help="play the whole agent story against sts dev, step by step")
+    demo = _command(commands, "demo", "play the whole agent story against sts dev, step by step")
     demo.add_argument(
         "--state-dir", type=Path, default=None, help="of a running `sts dev` (default: start a private one)"
     )
     demo.set_defaults(run=_demo)
 
-    workload_api = commands.add_parser("workload-api", help="run the development Workload API server alone")
-    workload_api.add_argument("--config", type=Path, required=True, help="workload registration YAML")
-    workload_api.add_argument("--state-dir", type=Path, default=Path("state/workload-api"))
+    workload_api = _command(commands, "workload-api", "run the development Workload API server alone")
+    _config_option(workload_api, "workload registration YAML")
+    workload_api.add_argument(
+        "--state-dir", type=Path, default=Path("state/workload-api"), help="CAs and sockets"
+    )
     workload_api.set_defaults(run=_workload_api)
 
-    svid = commands.add_parser("svid", help="fetch a JWT-SVID from a Workload API socket and print it")
-    svid.add_argument("--socket", required=True, help="unix:///path/to/workload.sock")
-    svid.add_argument("--audience", required=True)
+    svid = _command(commands, "svid", "fetch a JWT-SVID from a Workload API socket and print it")
+    svid.add_argument(
+        "--socket",
+        metavar="unix:///PATH",
+        help=f"the Workload API socket (default: ${SOCKET_ENV})",
+    )
+    svid.add_argument("--audience", required=True, help="the audience the JWT-SVID is for")
     svid.set_defaults(run=_svid)
 
-    audit = commands.add_parser("audit", help="audit log tools").add_subparsers(title="audit commands")
-    verify = audit.add_parser("verify", help="check the hash chains of an audit log")
-    verify.add_argument("file", type=Path)
+    audit = _command(commands, "audit", "audit log tools").add_subparsers(title="audit commands")
+    verify = _command(audit, "verify", "check the hash chains of an audit log")
+    verify.add_argument("file", type=Path, help="the audit log (JSON lines)")
     verify.set_defaults(run=_audit_verify)
     return parser
+
+
+def _policy_check_arguments(check: argparse.ArgumentParser) -> None:
+    """The request (``PolicyRequest``) and every context input the exchange gives Cedar."""
+    _config_option(check)
+    check.add_argument("--spiffe-id", required=True, help="the workload's SPIFFE ID (the subject)")
+    target = check.add_mutually_exclusive_group(required=True)
+    target.add_argument("--audience", help="catalog id of the target")
+    target.add_argument("--resource", help="resource URI of the target")
+    check.add_argument("--scope", required=True, help="space-separated scopes")
+    check.add_argument(
+        "--client-auth",
+        default="none",
+        choices=sorted(CLIENT_AUTH_METHODS),
+        help="how the client authenticated (context.client_auth): spiffe_x509, an X.509-SVID on the TLS "
+        "listener; spiffe_jwt, a JWT-SVID client assertion",
+    )
+    check.add_argument(
+        "--binding",
+        default="none",
+        choices=sorted(BINDINGS),
+        help="the token binding to assume (context.binding): mtls, to the client certificate; dpop, "
+        "to a DPoP key",
+    )
+    check.add_argument(
+        "--task",
+        metavar="ID",
+        help="the exchange names this task, found active and assigned to --spiffe-id (context.task)",
+    )
+    check.add_argument("--task-purpose", metavar="TEXT", default="", help="with --task: the task's purpose")
+    check.add_argument(
+        "--task-creator",
+        metavar="SPIFFE_ID",
+        help="with --task: who created the task (default: the --spiffe-id)",
+    )
+    check.add_argument(
+        "--task-deadline",
+        metavar="SECONDS",
+        type=int,
+        default=DEFAULT_TASK_SECONDS,
+        help="with --task: seconds from --now until the task's deadline; 0 or less for one already past",
+    )
+    check.add_argument(
+        "--actor",
+        metavar="SPIFFE_ID",
+        action="append",
+        default=None,
+        help="delegation: the acting party (context.actor); repeat for a chain, current actor first, "
+        "then the earlier ones (all in context.actors)",
+    )
+    check.add_argument(
+        "--break-glass",
+        action="store_true",
+        help="an active break-glass exception covers this workload, target and scopes "
+        "(context.break_glass; never with --actor)",
+    )
+    check.add_argument(
+        "--subject-token-class",
+        default="svid",
+        choices=sorted(SUBJECT_TOKEN_CLASSES),
+        help="the subject token (context.subject_token_class): a JWT-SVID, or a tool or data token this "
+        "server issued, re-exchanged by delegation (needs --actor)",
+    )
+    check.add_argument(
+        "--now",
+        metavar="EPOCH_SECONDS",
+        type=int,
+        help="decide as at this time (context.now, hour_utc, weekday_utc; default: the current time)",
+    )
 
 
 def _settings(path: Path) -> Settings:
@@ -172,17 +316,36 @@ def _uvicorn(settings: Settings) -> None:
         sock.close()
 
 
+def _config_check(args: argparse.Namespace) -> int:
+    from sts.config_report import check_config
+
+    report = check_config(args.config)
+    print(report.render())
+    for problem in report.problems:
+        print(f"problem:       {problem}", file=sys.stderr)
+    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    return EXIT_OK if report.ok else EXIT_CONFIG
+
+
 def _policy_check(args: argparse.Namespace) -> int:
-    from sts.policy import CedarPolicy, PolicyRequest, explain
+    from sts.policy import CedarPolicy, PolicyRequest, TaskFacts, explain, refused_crossing
     from sts.spiffeid import SpiffeId, SpiffeIdError
 
     settings = _settings(args.config)
     policy = CedarPolicy.from_directory(settings.policy_dir, settings.catalog)
+    problem = _policy_check_usage(args, settings.tokens.max_delegation_depth)
+    if problem:
+        print(f"sts: policy check: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    flag = "--spiffe-id"
     try:
         principal = SpiffeId.parse(args.spiffe_id)
-        actor = SpiffeId.parse(args.actor) if args.actor else None
+        flag = "--actor"
+        actors = [SpiffeId.parse(actor) for actor in args.actor or ()]
+        flag = "--task-creator"
+        creator = SpiffeId.parse(args.task_creator) if args.task_creator else principal
     except SpiffeIdError as e:
-        print(f"sts: not a SPIFFE ID: {e}", file=sys.stderr)
+        print(f"sts: {flag}: not a SPIFFE ID: {e}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         entry = settings.catalog.resolve(
@@ -192,18 +355,55 @@ def _policy_check(args: argparse.Namespace) -> int:
     except StsError as e:
         print(f"DENY ({e.error}): {e.description}")
         return EXIT_NO
+    now = int(time.time()) if args.now is None else args.now
+    task = TaskFacts(args.task, args.task_purpose, creator, now + args.task_deadline) if args.task else None
     request = PolicyRequest(
         principal=principal,
         target=entry,
         scopes=scopes,
-        now=int(time.time()),
+        now=now,
         client_auth=args.client_auth,
         binding=args.binding,
-        actor=actor,
+        task=task,
+        actor=actors[0] if actors else None,
+        actors=frozenset(str(actor) for actor in actors),
+        break_glass=args.break_glass,
+        subject_token_class=args.subject_token_class,
     )
     decision = policy.decide(request)
     print(explain(decision, request, policy.origins))
-    return EXIT_OK if decision.allowed else EXIT_NO
+    allowed = decision.allowed and refused_crossing(decision, request) is None
+    return EXIT_OK if allowed else EXIT_NO
+
+
+def _policy_check_usage(args: argparse.Namespace, max_delegation_depth: int) -> str | None:
+    """Flags that describe no exchange the server would ever make (its rules, sts.exchange)."""
+    if not args.task:
+        given = [
+            name
+            for name, value, default in (
+                ("--task-purpose", args.task_purpose, ""),
+                ("--task-creator", args.task_creator, None),
+                ("--task-deadline", args.task_deadline, DEFAULT_TASK_SECONDS),
+            )
+            if value != default
+        ]
+        if given:
+            return f"{', '.join(given)}: only with --task ID (they describe the task the exchange names)"
+    actors = args.actor or []
+    if args.subject_token_class != "svid" and not actors:
+        return (
+            f"--subject-token-class {args.subject_token_class}: a token issued by this server is a "
+            "subject only with an actor token; give --actor"
+        )
+    if args.break_glass and actors:
+        return "--break-glass with --actor: a break-glass exception never applies to a delegated exchange"
+    if len(actors) > max_delegation_depth:
+        return (
+            f"--actor given {len(actors)} times: the delegation chain is longer than "
+            f"tokens.max_delegation_depth ({max_delegation_depth}); the exchange refuses it"
+        )
+    return None
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -243,11 +443,20 @@ def _svid(args: argparse.Namespace) -> int:
     from spiffe import WorkloadApiClient
     from spiffe.errors import PySpiffeError
 
+    socket = args.socket or os.environ.get(SOCKET_ENV) or None
+    if socket is None:
+        print(
+            "sts svid: no Workload API socket: give --socket unix:///path/to/workload.sock "
+            f"or set {SOCKET_ENV}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    origin = socket if args.socket else f"{socket} ({SOCKET_ENV})"
     try:
-        with WorkloadApiClient(socket_path=args.socket) as client:
+        with WorkloadApiClient(socket_path=socket) as client:
             print(client.fetch_jwt_svid(audience={args.audience}, timeout=10).token)
     except PySpiffeError as e:
-        print(f"sts: cannot fetch a JWT-SVID from {args.socket}: {e}", file=sys.stderr)
+        print(f"sts: cannot fetch a JWT-SVID from {origin}: {e}", file=sys.stderr)
         return EXIT_NO
     return EXIT_OK
 

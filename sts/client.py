@@ -22,7 +22,7 @@ import email.utils
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Protocol
@@ -34,7 +34,7 @@ import requests
 import requests.auth
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import WorkloadApiClient
+from spiffe import SpiffeId, WorkloadApiClient, X509Svid
 from spiffe.errors import PySpiffeError
 
 from sts.binding import DpopKey, InvalidDpopProof, certificate_thumbprint
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 CLIENT_ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+SERVER_CA_RECHECK_SECONDS = 30.0  # how stale the STS's CA file may get after an X.509 CA rotation
 
 # RFC 6749 §5.2 / RFC 6750 / RFC 9449 codes → the class the server raised for them.
 ERROR_CLASSES: Mapping[str, type[StsError]] = {
@@ -138,11 +139,22 @@ class WorkloadApiSvids:
 
     ``socket`` is ``unix:///path``; None lets py-spiffe read ``SPIFFE_ENDPOINT_SOCKET``. The
     connection is made on first use, so a client can be built before the agent is up.
+
+    ``spiffe_id`` picks this workload's identity when the agent serves it several (one socket, one
+    process matching several registration entries: SPIRE returns them all, ordered by entry ID, and
+    the "default" is merely the first). Without it the first SVID is used.
     """
 
-    def __init__(self, socket: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        spiffe_id: str | None = None,
+    ) -> None:
         self._socket = socket
         self._timeout = timeout
+        self._spiffe_id = SpiffeId(spiffe_id) if spiffe_id is not None else None
         self._client: WorkloadApiClient | None = None
         self._lock = threading.Lock()
 
@@ -157,15 +169,29 @@ class WorkloadApiSvids:
 
     def jwt_svid(self, audience: str) -> str:
         try:
-            return self._api().fetch_jwt_svid(audience={audience}, timeout=self._timeout).token
+            api = self._api()
+            svid = api.fetch_jwt_svid(audience={audience}, subject=self._spiffe_id, timeout=self._timeout)
         except PySpiffeError as e:
             raise TemporarilyUnavailable("the Workload API gave no JWT-SVID", detail=str(e)) from e
+        return str(svid.token)
+
+    def _chosen(self, svids: Sequence[X509Svid]) -> X509Svid:
+        for svid in svids:
+            if self._spiffe_id is None or svid.spiffe_id == self._spiffe_id:
+                chosen: X509Svid = svid
+                return chosen
+        served = ", ".join(str(s.spiffe_id) for s in svids) or "none"
+        raise TemporarilyUnavailable(
+            "the Workload API serves no X.509-SVID for this SPIFFE ID",
+            detail=f"wanted {self._spiffe_id}; served {served}",
+        )
 
     def x509_svid(self) -> tuple[list[x509.Certificate], Any]:
         try:
-            svid = self._api().fetch_x509_svid(timeout=self._timeout)
+            svids = self._api().fetch_x509_svids(timeout=self._timeout)
         except PySpiffeError as e:
             raise TemporarilyUnavailable("the Workload API gave no X.509-SVID", detail=str(e)) from e
+        svid = self._chosen(svids)
         return list(svid.cert_chain), svid.private_key
 
     def x509_authorities(self) -> list[x509.Certificate]:
@@ -173,9 +199,8 @@ class WorkloadApiSvids:
             context = self._api().fetch_x509_context(timeout=self._timeout)
         except PySpiffeError as e:
             raise TemporarilyUnavailable("the Workload API gave no X.509 bundle", detail=str(e)) from e
-        bundle = context.x509_bundle_set.get_bundle_for_trust_domain(
-            context.default_svid.spiffe_id.trust_domain
-        )
+        svid = self._chosen(context.x509_svids)
+        bundle = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
         return list(bundle.x509_authorities) if bundle is not None else []
 
     def close(self) -> None:
@@ -337,7 +362,9 @@ class TokenClient:
     ``issuer``: the STS issuer (the audience of the JWT-SVIDs it accepts). ``token_endpoint``
     defaults to ``<issuer>/token``; ``mtls_token_endpoint`` is the TLS listener's (``https``), whose
     certificate is verified with ``server_ca`` (PEM) or else with this workload's trust bundle from
-    the Workload API, against the URL's host name. ``refresh_margin``: a cached token is not handed
+    the Workload API, against the URL's host name (re-read when the bundle changes). ``spiffe_id``
+    picks the workload's identity when its agent serves several (:class:`WorkloadApiSvids`).
+    ``refresh_margin``: a cached token is not handed
     out when it has less than this left (at most half its lifetime). ``clock`` and ``sleep`` are
     injectable for tests.
     """
@@ -347,6 +374,7 @@ class TokenClient:
         issuer: str,
         *,
         socket: str | None = None,
+        spiffe_id: str | None = None,
         svids: SvidSource | None = None,
         token_endpoint: str | None = None,
         mtls_token_endpoint: str | None = None,
@@ -362,7 +390,9 @@ class TokenClient:
         self.issuer = issuer.rstrip("/")
         self.token_endpoint = token_endpoint or f"{self.issuer}/token"
         self.mtls_token_endpoint = mtls_token_endpoint
-        self._svids: SvidSource = svids if svids is not None else WorkloadApiSvids(socket, timeout=timeout)
+        self._svids: SvidSource = (
+            svids if svids is not None else WorkloadApiSvids(socket, timeout=timeout, spiffe_id=spiffe_id)
+        )
         self._owns_svids = svids is None
         self._server_ca = server_ca
         self._session = session if session is not None else requests.Session()
@@ -381,6 +411,9 @@ class TokenClient:
         self._previous_tls: _TlsIdentity | None = None
         self._tls_lock = threading.Lock()
         self._server_ca_memory: MemoryFile | None = None
+        self._previous_server_ca: MemoryFile | None = None
+        self._server_ca_pem = b""
+        self._server_ca_checked = float("-inf")
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -660,16 +693,28 @@ class TokenClient:
         return identity.cert_file, identity.key_file
 
     def _server_ca_file(self) -> str:
+        """The CA file that verifies the STS's TLS certificate: ``server_ca`` as given, or this
+        workload's X.509 bundle from the Workload API, re-read every :data:`SERVER_CA_RECHECK_SECONDS`
+        so that a CA rotation (SPIRE prepares and activates a new X.509 authority) never breaks mTLS."""
         with self._tls_lock:
-            if self._server_ca_memory is None:
-                if self._server_ca is not None:
-                    pem = self._server_ca.encode("ascii")
-                else:
-                    authorities = self._svids.x509_authorities()
-                    if not authorities:
-                        raise TemporarilyUnavailable("no trust bundle to verify the STS's certificate with")
-                    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
-                self._server_ca_memory = MemoryFile(pem, "server-ca.pem")
+            now = self._clock()
+            if self._server_ca_memory is not None and (
+                self._server_ca is not None or now < self._server_ca_checked + SERVER_CA_RECHECK_SECONDS
+            ):
+                return self._server_ca_memory.path
+            if self._server_ca is not None:
+                pem = self._server_ca.encode("ascii")
+            else:
+                authorities = self._svids.x509_authorities()
+                if not authorities:
+                    raise TemporarilyUnavailable("no trust bundle to verify the STS's certificate with")
+                pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in authorities)
+            self._server_ca_checked = now
+            if self._server_ca_memory is None or pem != self._server_ca_pem:
+                if self._previous_server_ca is not None:
+                    self._previous_server_ca.close()  # a session may still read the last one: keep it
+                self._previous_server_ca = self._server_ca_memory
+                self._server_ca_memory, self._server_ca_pem = MemoryFile(pem, "server-ca.pem"), pem
             return self._server_ca_memory.path
 
     def close(self) -> None:
@@ -682,9 +727,10 @@ class TokenClient:
                 if identity is not None:
                     identity.close()
             self._tls = self._previous_tls = None
-            if self._server_ca_memory is not None:
-                self._server_ca_memory.close()
-                self._server_ca_memory = None
+            for ca_file in (self._server_ca_memory, self._previous_server_ca):
+                if ca_file is not None:
+                    ca_file.close()
+            self._server_ca_memory = self._previous_server_ca = None
 
     def __enter__(self) -> TokenClient:
         return self

@@ -46,6 +46,7 @@ __all__ = [
     "TaskFacts",
     "base_schema_text",
     "explain",
+    "refused_crossing",
     "schema_for_catalog",
 ]
 
@@ -181,7 +182,8 @@ def explain(
 ) -> str:
     """A few lines saying what was asked and why it was decided so (``sts policy check``).
 
-    ``origins`` (:attr:`CedarPolicy.origins`) adds where each deciding policy is written.
+    ``origins`` (:attr:`CedarPolicy.origins`) adds where each deciding policy is written. A class
+    crossing the exchange refuses (:func:`refused_crossing`) is a DENY even where Cedar allowed.
     """
     lines: list[str] = []
     if request is not None:
@@ -192,26 +194,54 @@ def explain(
         )
         lines.append(f"actions:   {', '.join(request.actions) or '(none)'}")
         if request.task is not None:
-            lines.append(f"task:      {request.task.id} ({request.task.purpose})")
+            purpose = f" ({request.task.purpose})" if request.task.purpose else ""
+            lines.append(f"task:      {request.task.id}{purpose}")
         if request.actor is not None:
             lines.append(f"actor:     {request.actor}")
+        earlier = sorted(request.actors - {str(request.actor)})
+        if earlier:
+            lines.append(f"actors:    {', '.join(earlier)} (earlier in the delegation chain)")
+        lines.append(
+            f"context:   client_auth={request.client_auth} binding={request.binding} "
+            f"break_glass={str(request.break_glass).lower()} "
+            f"subject_token_class={request.subject_token_class}"
+        )
         crossing = request.class_crossing
         if crossing is not None:
             opened = (
                 "permitted" if crossing in decision.class_crossings else "refused: no @allow_class_crossing"
             )
             lines.append(f"crossing:  {crossing} ({opened})")
-    lines.append(f"decision:  {'ALLOW' if decision.allowed else 'DENY'}")
-    lines.append(f"reason:    {decision.reason}")
+    refused = refused_crossing(decision, request) if request is not None else None
+    lines.append(f"decision:  {'ALLOW' if decision.allowed and refused is None else 'DENY'}")
+    if refused is None:
+        lines.append(f"reason:    {decision.reason}")
+    else:
+        lines.append(
+            f"reason:    the {refused} crossing is not opened by an @allow_class_crossing permit "
+            f"(Cedar alone: {decision.reason})"
+        )
     origins = origins or {}
     lines.extend(
         f"policy:    {policy_id}" + (f"  ({origins[policy_id]})" if policy_id in origins else "")
         for policy_id in decision.policy_ids
     )
-    if decision.ttl_seconds is not None:
+    if decision.ttl_seconds is not None and refused is None:
         lines.append(f"ttl:       {decision.ttl_seconds}s")
     lines.extend(f"error:     {error}" for error in decision.errors)
     return "\n".join(lines)
+
+
+def refused_crossing(decision: Decision, request: PolicyRequest) -> str | None:
+    """The class crossing (``"tool->data"``) the exchange refuses although Cedar allowed, else None.
+
+    The exchange's second default deny (see the module docstring): an allow opens a crossing only
+    if it is in :attr:`Decision.class_crossings`. ``sts policy check`` reports the same outcome.
+    """
+    crossing = request.class_crossing
+    if decision.allowed and crossing is not None and crossing not in decision.class_crossings:
+        return crossing
+    return None
 
 
 def base_schema_text() -> str:

@@ -459,6 +459,39 @@ def test_mtls_server_is_verified_with_the_workloads_trust_bundle(sts_dev: Dev) -
     assert "x5t#S256" in claims_of(token.value)["cnf"]
 
 
+def test_mtls_follows_an_x509_ca_rotation(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 14 item 7: a long-lived client re-reads its trust bundle, so once the STS's TLS
+    certificate comes from the new CA the client still verifies it (no stale CA file)."""
+    now = [time.time()]
+    session = requests.Session()
+    with running_dev(tmp_path_factory) as dev, TokenClient(
+        dev.issuer,
+        socket=dev.socket("agent"),
+        mtls_token_endpoint=dev.description["mtls_token_endpoint"],
+        clock=lambda: now[0],
+        session=session,
+    ) as client:
+        first = client.token(audience=TOOL, scope="invoke", mtls=True)
+        old_ca = tmp_path_factory.mktemp("old-ca") / "ca.pem"
+        old_ca.write_text(dev.description["server_ca"])
+        health = dev.description["mtls_token_endpoint"].removesuffix("/token") + "/healthz"
+        dev.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while True:  # until the TLS listener presents a certificate of the new CA only
+            try:
+                requests.get(health, verify=str(old_ca), timeout=2)
+            except requests.exceptions.SSLError:
+                break
+            assert time.monotonic() < deadline, "the TLS listener kept the old CA's certificate"
+            time.sleep(0.2)
+        now[0] += 31  # past SERVER_CA_RECHECK_SECONDS
+        client.invalidate(first.value)  # so the next token() goes to the STS again
+        session.close()  # and over a new connection: a new TLS handshake with the new certificate
+        token = client.token(audience=TOOL, scope="invoke", mtls=True)
+    assert token.value != first.value
+    assert "x5t#S256" in claims_of(token.value)["cnf"]
+
+
 def test_client_assertion_authenticates_the_client(sts_dev: Dev) -> None:
     with sts_dev.client() as client:
         token = client.token(audience=TOOL, scope="invoke", client_assertion=True)
