@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from sts.catalog import TokenClass
 from sts.config import KeySettings, Settings, load_settings
 from sts.errors import ConfigError, StsError
-from sts.keys import SigningKey, _check_may_serve, _read_key
+from sts.keys import SigningKey, check_may_serve, read_key
 from sts.policy import POLICY_SUFFIX, CedarPolicy, PolicyLoadError
 from sts.runtime import build_trust_store
 from sts.store.factory import open_store, sqlite_path
@@ -263,7 +263,7 @@ def _keys(report: ConfigReport, settings: KeySettings, now: int) -> None:
         unreadable = 0
         for path in sorted((directory / token_class.value).glob("*.pem")):
             try:
-                loaded.append(_read_key(path, token_class))
+                loaded.append(read_key(path, token_class))
             except ConfigError as e:
                 report.problem(str(e))
                 unreadable += 1
@@ -278,7 +278,7 @@ def _keys(report: ConfigReport, settings: KeySettings, now: int) -> None:
             report.add(label, "none")
             continue
         try:
-            _check_may_serve(settings, token_class, loaded)
+            check_may_serve(settings, token_class, loaded)
         except ConfigError as e:
             report.problem(str(e))
             report.add(label, "none usable (keys.generate is false)")

@@ -114,9 +114,9 @@ class KeyRing:
             for token_class in TokenClass:
                 class_dir = settings.dir / token_class.value
                 class_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                loaded = [_read_key(path, token_class) for path in sorted(class_dir.glob("*.pem"))]
+                loaded = [read_key(path, token_class) for path in sorted(class_dir.glob("*.pem"))]
                 newest = max((k.created_at for k in loaded), default=None)
-                _check_may_serve(settings, token_class, loaded)
+                check_may_serve(settings, token_class, loaded)
                 if newest is None:
                     loaded.append(_create_key(class_dir, token_class, current, development=True))
                 elif current - newest >= settings.rotate_after:
@@ -146,8 +146,8 @@ class KeyRing:
             paths = sorted((settings.dir / token_class.value).glob("*.pem"))
             if not paths:
                 raise ConfigError(f"keys.dir: {settings.dir} is read-only and holds no {token_class} key")
-            loaded = [_read_key(p, token_class) for p in paths]
-            _check_may_serve(settings, token_class, loaded)
+            loaded = [read_key(p, token_class) for p in paths]
+            check_may_serve(settings, token_class, loaded)
             keys[token_class] = _retire(loaded, now, settings.rotate_after)
             newest = max(k.created_at for k in keys[token_class])
             if now - newest >= settings.rotate_after:
@@ -170,7 +170,7 @@ class KeyRing:
                 return
             keys = {
                 c: _retire(
-                    [_read_key(p, c) for p in sorted((self._settings.dir / c.value).glob("*.pem"))],
+                    [read_key(p, c) for p in sorted((self._settings.dir / c.value).glob("*.pem"))],
                     int(time.time()),
                     self._settings.rotate_after,
                 )
@@ -260,7 +260,7 @@ def _issued(claims: Mapping[str, Any], token_class: TokenClass, issuer: str, now
     return all(isinstance(claims.get(name, ""), str) for name in ("client_id", "task_id", "scope"))
 
 
-def _check_may_serve(settings: KeySettings, token_class: TokenClass, loaded: list[SigningKey]) -> None:
+def check_may_serve(settings: KeySettings, token_class: TokenClass, loaded: list[SigningKey]) -> None:
     """``keys.generate: false``: a production configuration never signs with a development key."""
     if settings.generate:
         return
@@ -343,7 +343,7 @@ def _create_key(class_dir: Path, token_class: TokenClass, now: int, *, developme
     return SigningKey(token_class, kid, now, development, private_key)
 
 
-def _read_key(path: Path, token_class: TokenClass) -> SigningKey:
+def read_key(path: Path, token_class: TokenClass) -> SigningKey:
     mode = path.stat().st_mode & 0o077
     if mode:
         raise ConfigError(f"keys: {path} is readable by group or others (mode {oct(mode)}); chmod 600 it")
