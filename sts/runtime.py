@@ -89,6 +89,8 @@ class Services:
                 problems.append(f"trust domain {trust_domain}: no JWT authorities")
         if self.trust.trust_domains and not served_configured and not problems:
             problems.append("no configured trust domain has JWT authorities: no SVID can be verified")
+        if self.watcher is not None:
+            problems.extend(p for p in self.watcher.stream_problems() if p not in problems)
         served = self.watcher.served_trust_domains() if self.watcher is not None else None
         return Readiness(problems, warnings, domains, served)
 

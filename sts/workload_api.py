@@ -11,6 +11,12 @@ with backoff. The last bundles stay in use for ``max_staleness``; past that (or 
 update) :meth:`WorkloadApiBundleSource.current` raises ``TemporarilyUnavailable`` and ``/readyz``
 says why.
 
+A federated trust domain that has only JWT authorities arrives from SPIRE as *empty bytes* in the
+X.509 stream's ``federated_bundles``; py-spiffe 0.3 cannot parse them and the whole X.509 stream
+would fail on every update (no renewal of our own TLS certificate). :class:`_TolerantClient` reads
+empty bytes as an empty X.509 authority set (SPIFFE Trust Domain and Bundle §4: a bundle may hold
+no X.509 authorities). Readiness covers both streams: either one stale is not ready.
+
 Must not import web, policy or exchange code.
 """
 
@@ -27,7 +33,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from spiffe import JwtBundleSet, WorkloadApiClient
+from spiffe import JwtBundleSet, WorkloadApiClient, X509Bundle, X509BundleSet
+from spiffe import TrustDomain as SpiffeTrustDomain
 from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.x509_context import X509Context
 
@@ -39,6 +46,20 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
+
+
+class _TolerantClient(WorkloadApiClient):
+    """py-spiffe's client, except that an empty federated X.509 bundle is an empty authority set."""
+
+    @staticmethod
+    def _create_x509_bundle_set(resp_bundles: Mapping[str, bytes]) -> X509BundleSet:
+        bundles = [
+            X509Bundle(SpiffeTrustDomain(td), set())
+            if not der
+            else X509Bundle.parse_raw(SpiffeTrustDomain(td), der)
+            for td, der in resp_bundles.items()
+        ]
+        return X509BundleSet.of(bundles)
 
 
 @dataclass(slots=True)
@@ -110,6 +131,26 @@ class WorkloadApiWatcher:
             self._check_fresh()
             return self._bundles.get(trust_domain)
 
+    def stream_problems(self) -> list[str]:
+        """Readiness of both streams: one that never delivered, or broken past ``max_staleness``.
+
+        The X.509 stream carries this server's own certificate (TLS listener) and the X.509
+        authorities that verify mTLS clients, so it counts as much as the JWT stream does.
+        """
+        problems = []
+        with self._lock:
+            now = self._clock()
+            for health in self._health.values():
+                if health.updated_at is None:
+                    waiting = health.last_error or "waiting"
+                    problems.append(f"Workload API {health.name}: no update yet ({waiting})")
+                elif health.broken_since is not None and now - health.broken_since > self.max_staleness:
+                    broken_for = now - health.broken_since
+                    problems.append(
+                        f"Workload API {health.name}: broken for {broken_for:.0f}s: {health.last_error}"
+                    )
+        return problems
+
     def served_trust_domains(self) -> list[str] | None:
         """Every trust domain the Workload API delivers now (configured or not); None before the
         first update or once the streams are stale."""
@@ -145,7 +186,7 @@ class WorkloadApiWatcher:
                 ended.set()
 
             try:
-                client = WorkloadApiClient(socket_path=self.socket)
+                client = _TolerantClient(socket_path=self.socket)
             except PySpiffeError as e:
                 self._broken(kind, str(e))
             else:

@@ -193,3 +193,39 @@ def test_readyz_lists_what_the_workload_api_serves_and_warns_about_the_rest(
     }
     assert len(body["warnings"]) == 1 and "unfederated.test" in body["warnings"][0]
     assert body["problems"] == []
+
+
+def test_an_empty_federated_x509_bundle_is_an_empty_authority_set(api: DevWorkloadApi) -> None:
+    """Issue 14 item 2: SPIRE sends empty bytes for a federated trust domain that has only JWT keys.
+    py-spiffe cannot parse them (the whole X.509 stream fails on every update); we read an empty set."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from spiffe import TrustDomain as PySpiffeTrustDomain
+    from spiffe.errors import PySpiffeError
+    from spiffe.workloadapi.workload_api_client import WorkloadApiClient as PySpiffeClient
+
+    from sts.workload_api import _TolerantClient
+
+    example_der = b"".join(c.public_bytes(Encoding.DER) for c in api.state.ca(EXAMPLE).x509_authorities())
+    update = {"spiffe://partner.test": b"", "spiffe://example.org": example_der}
+    with pytest.raises(PySpiffeError):
+        PySpiffeClient._create_x509_bundle_set(update)  # the upstream limitation this works around
+    bundles = _TolerantClient._create_x509_bundle_set(update)
+    partner = bundles.get_bundle_for_trust_domain(PySpiffeTrustDomain("partner.test"))
+    assert partner is not None and partner.x509_authorities == set()
+    example = bundles.get_bundle_for_trust_domain(PySpiffeTrustDomain("example.org"))
+    assert example is not None and len(example.x509_authorities) >= 1
+
+
+def test_readiness_covers_the_x509_stream_too(
+    api: DevWorkloadApi, watcher: WorkloadApiWatcher, clock: FakeClock
+) -> None:
+    """Both streams count: a broken X.509 stream (our TLS certificate, mTLS authorities) is not ready
+    once stale, even while the JWT stream would still be within its staleness."""
+    eventually(lambda: watcher.stream_problems() == [])  # the X.509 stream's first update too
+    api.stop(grace=0)
+    eventually(lambda: all(h.broken_since is not None for h in watcher._health.values()))
+    watcher._health["jwt"].broken_since = None  # the JWT stream is (say) fine: only X.509 is broken
+    watcher._health["jwt"].updated_at = clock.now
+    clock.now += 61
+    problems = watcher.stream_problems()
+    assert len(problems) == 1 and "X.509 bundles" in problems[0], problems
