@@ -8,7 +8,7 @@ PORT ?= 8443
 # The Python the project needs (pyproject.toml requires-python); checked before anything is built.
 PYTHON_MIN := 3.11
 
-.PHONY: run test lint typecheck unit clean bench bench-peer system-deps node-deps python-version
+.PHONY: run test lint typecheck unit clean bench bench-peer system-deps node-deps python-version spire test-spire
 
 ## python-version: refuse a Python older than $(PYTHON_MIN), and a .venv made by one (it is rebuilt)
 python-version:
@@ -67,6 +67,15 @@ $(NODE_STAMP): $(INTEROP)/package-lock.json $(INTEROP)/package.json
 	  echo "make node-deps needs Node.js >= 20.18.1 with npm (tests/interop drives npm clients)"; exit 2; }
 	cd $(INTEROP) && npm ci --no-audit --no-fund
 	@touch $(NODE_STAMP)
+
+## spire: SPIRE server and agent (v1.13.3, pinned in spire/real/go.mod) built from the Go module proxy
+## into ~/.cache/sts-tools/spire-<version>/bin (reused when present; a cold build takes minutes)
+spire:
+	spire/real/build.sh
+
+## test-spire: the real-SPIRE suite (tests/spire_real), building SPIRE first if needed
+test-spire: $(STAMP) spire
+	STS_SPIRE_BIN=$$(spire/real/build.sh) $(BIN)/pytest tests/spire_real
 
 ## bench: the benchmark end to end on loopback (needs wrk); QUICK=1 for about a minute (N=16,64, no peer)
 bench: $(STAMP)
