@@ -101,7 +101,9 @@ def with_tls_listener(config: Path, port: int, authority: TestAuthority) -> Path
     """Turn ``config`` (from ``write_config``) into a TLS listener on ``port`` with a server certificate
     from ``authority``; returns the CA file clients trust."""
     directory = config.parent
-    cert, key, _ = issue(authority, directory, "server", uris=("spiffe://example.org/sts",), dns=("localhost",))
+    cert, key, _ = issue(
+        authority, directory, "server", uris=("spiffe://example.org/sts",), dns=("localhost",)
+    )
     config.write_text(
         config.read_text().replace(
             f"listen: {{host: 127.0.0.1, port: {port}}}",
@@ -276,3 +278,123 @@ def test_json_endpoints_accept_the_client_certificate(
         f"{base}/introspect", data={"token": token}, verify=str(directory / "ca.pem"), timeout=10
     )
     assert anonymous.status_code == 401
+
+
+def _signed(
+    subject_key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    uri: str,
+    *,
+    ca: bool,
+) -> x509.Certificate:
+    """A certificate for ``subject_key`` signed by ``issuer``: a SPIFFE intermediate CA or leaf."""
+    now = datetime.datetime.now(datetime.UTC)
+    usage = dict.fromkeys(
+        (
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "encipher_only",
+            "decipher_only",
+        ),
+        False,
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "intermediate" if ca else "leaf")])
+        )
+        .issuer_name(issuer.subject)
+        .public_key(subject_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, **usage),
+            critical=True,
+        )
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+        )
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def test_an_svid_issued_through_an_intermediate_authenticates(
+    tls: tuple[RunningServer, Path], example_org: TestAuthority
+) -> None:
+    """Issue 14 item 3: an UpstreamAuthority or nested SPIRE puts an intermediate between the trust
+    domain's root and the leaf. The client presents leaf + intermediate; the STS verifies both against
+    the leaf's own trust domain bundle and binds the token to the leaf."""
+    server, directory = tls
+    intermediate_key = ec.generate_private_key(ec.SECP256R1())
+    intermediate = _signed(
+        intermediate_key, example_org.ca_cert, example_org.ca_key, "spiffe://example.org", ca=True
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _signed(leaf_key, intermediate, intermediate_key, AGENT, ca=False)
+    chain_path, key_path = directory / "chained.pem", directory / "chained.key"
+    chain_path.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM) + intermediate.public_bytes(serialization.Encoding.PEM)
+    )
+    key_path.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    response = post(
+        server,
+        directory,
+        (chain_path, key_path),
+        subject_token=example_org.mint(AGENT, server.issuer),
+        client_id=AGENT,
+    )
+    assert response.status_code == 200, response.text
+    claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert claims["cnf"] == {"x5t#S256": certificate_thumbprint(leaf)}
+
+
+def test_an_intermediate_of_another_trust_domain_is_refused(
+    tls: tuple[RunningServer, Path], example_org: TestAuthority, partner_test: TestAuthority
+) -> None:
+    """The chain must lead to the leaf's own trust domain: an example.org leaf under a partner.test
+    intermediate (both trusted by the STS) is not an X.509-SVID of example.org."""
+    server, directory = tls
+    intermediate_key = ec.generate_private_key(ec.SECP256R1())
+    intermediate = _signed(
+        intermediate_key, partner_test.ca_cert, partner_test.ca_key, "spiffe://partner.test", ca=True
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _signed(leaf_key, intermediate, intermediate_key, AGENT, ca=False)
+    chain_path, key_path = directory / "crossed.pem", directory / "crossed.key"
+    chain_path.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM) + intermediate.public_bytes(serialization.Encoding.PEM)
+    )
+    key_path.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    try:
+        response = post(
+            server,
+            directory,
+            (chain_path, key_path),
+            subject_token=example_org.mint(AGENT, server.issuer),
+            client_id=AGENT,
+        )
+    except requests.exceptions.SSLError:
+        return  # refused in the handshake: also closed
+    assert (response.status_code, response.json()["error"]) == (401, "invalid_client"), response.text

@@ -277,12 +277,34 @@ def _has_partial_head(connection: h11.Connection) -> bool:
 
 
 def _peer_chain(writer: asyncio.StreamWriter) -> tuple[x509.Certificate, ...]:
-    """The client certificate OpenSSL verified (leaf only: Python 3.11 exposes no more)."""
+    """The certificate chain the client presented, leaf first, intermediates after (RFC 8446 §4.4.2).
+
+    X.509-SVIDs issued under an UpstreamAuthority or a nested SPIRE carry intermediates, and the
+    leaf must be verified through them against its own trust domain's bundle (X509-SVID §5), so the
+    leaf alone is not enough. ``get_unverified_chain`` is public from Python 3.13; on 3.10-3.12 the
+    same C method is reached through the SSL object's ``_sslobj``. Without either: the leaf only.
+    """
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:
         return ()
+    presented = _presented_chain(ssl_object)
+    if presented:
+        return tuple(x509.load_der_x509_certificate(der) for der in presented)
     der = ssl_object.getpeercert(binary_form=True)
     return (x509.load_der_x509_certificate(der),) if der else ()
+
+
+def _presented_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if getter is None:
+        return []
+    chain = getter() or []
+    return [c if isinstance(c, bytes) else c.public_bytes(_DER) for c in chain if c is not None]
+
+
+_DER = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009 (the private module's constant, 3.10-3.12)
 
 
 # ---- processes -----------------------------------------------------------------------------------
