@@ -80,6 +80,7 @@ class Admin:
         self._audit.record(
             {
                 "event": "admin_revocation",
+                "decision": "allow",
                 "request_id": request_id,
                 "caller": str(caller.spiffe_id),
                 "reason": reason,
@@ -128,7 +129,12 @@ class Admin:
         )
         self._store.add_exception(grant)
         self._audit.record(
-            {"event": "exception_granted", "request_id": request_id, **exception_json(grant, current)},
+            {
+                "event": "exception_granted",
+                "decision": "allow",
+                "request_id": request_id,
+                **exception_json(grant, current),
+            },
             now=current,
         )
         return grant

@@ -431,10 +431,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _workload_api(args: argparse.Namespace) -> int:
+    from spire.registry import RegistryError
     from spire.server import serve
 
     configure_logging("INFO")
-    serve(args.config, args.state_dir)
+    try:
+        serve(args.config, args.state_dir)
+    except RegistryError as e:
+        raise ConfigError(str(e)) from e
     return EXIT_OK
 
 

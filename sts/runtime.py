@@ -87,7 +87,9 @@ class Services:
                 )
             else:
                 problems.append(f"trust domain {trust_domain}: no JWT authorities")
-        if self.trust.trust_domains and not served_configured and not problems:
+        if not self.trust.trust_domains:
+            problems.append("no trust domains are configured (trust_domains): no SVID can be verified")
+        elif not served_configured and not problems:
             problems.append("no configured trust domain has JWT authorities: no SVID can be verified")
         if self.watcher is not None:
             problems.extend(p for p in self.watcher.stream_problems() if p not in problems)

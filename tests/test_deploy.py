@@ -529,7 +529,7 @@ SECTIONS = {
     "server": ServerSettings,
 }
 # Settings field -> the top-level key it comes from, when the names differ.
-TOP_LEVEL_KEYS = {"store_url": "store", "policy_dir": "policy", "audit_path": "audit"}
+TOP_LEVEL_KEYS = {"store_url": "store", "policy_dir": "policy", "audit_path": "audit", "log_format": "logging"}
 
 
 def test_schema_config_sections_match_sts_config(schema):

@@ -617,3 +617,26 @@ def test_body_client_authentication_failure_carries_no_challenge(
     )
     assert (response.status_code, response.json()["error"]) == (401, "invalid_client")
     assert "WWW-Authenticate" not in response.headers
+
+
+def test_refusals_of_every_endpoint_leave_an_audit_line(server: RunningServer) -> None:
+    """Every decision is one audit line: refused introspection and revocation, and a GET of /token."""
+    before = len(server.audit_lines())
+    answers = [
+        requests.post(f"{server.url}/introspect", data={"token": "x"}, timeout=5),
+        requests.post(
+            f"{server.url}/revoke", data={"token": "x"}, headers={"Authorization": "Bearer x"}, timeout=5
+        ),
+        requests.get(f"{server.url}/token", timeout=5),
+    ]
+    assert [a.status_code for a in answers] == [401, 401, 405]
+    records = server.audit_records()[before:]
+    by_request = {r.get("request_id"): r for r in records}
+    for answer in answers:
+        record = by_request[answer.headers["X-Request-Id"]]
+        assert record["decision"] == "deny", record
+
+
+def test_an_unknown_path_is_not_found(server: RunningServer) -> None:
+    response = requests.get(f"{server.url}/no/such/endpoint", timeout=5)
+    assert (response.status_code, response.json()["error"]) == (404, "not_found")

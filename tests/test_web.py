@@ -53,3 +53,18 @@ def test_readiness_reports_a_trust_domain_without_jwt_keys(
     assert response.status_code == 503
     assert response.json is not None
     assert response.json["problems"] == ["trust domain partner.test: no JWT authorities"]
+
+
+def test_readiness_without_any_trust_domain_is_not_ready(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "p.cedar").write_text('@id("p") permit(principal, action, resource);\n')
+    config = tmp_path / "sts.yaml"
+    config.write_text(
+        f"keys: {{dir: {tmp_path / 'keys'}}}\nstore: {{url: 'memory://'}}\npolicy: {{dir: policies}}\n"
+        "catalog:\n  - {id: tool:calc, class: tool, scopes: [invoke]}\n"
+    )
+    services = build_services(load_settings(config, environ={}))
+    response = create_app(services).test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.json is not None
+    assert response.json["problems"] == ["no trust domains are configured (trust_domains): no SVID can be verified"]

@@ -70,7 +70,8 @@ def create_app(services: Services) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
-        response = jsonify(error="invalid_request", error_description=error.description or error.name)
+        code = "not_found" if error.code == 404 else "invalid_request"
+        response = jsonify(error=code, error_description=error.description or error.name)
         response.status_code = error.code or 400
         if error.code == 405:
             response.headers["Allow"] = ", ".join(error.valid_methods or [])  # type: ignore[attr-defined]

@@ -50,3 +50,24 @@ def error_response(error: StsError) -> Response:
     response.status_code = error.status
     response.headers.update(error.headers())
     return response
+
+
+def audited_refusal(error: StsError) -> Response:
+    """A refused call of a JSON or form endpoint: one ``api_refusal`` audit line, then the answer.
+
+    Except past an anonymous caller's refusal budget (``gate_refusal``): then one summary line.
+    """
+    error = gate_refusal(error)
+    if g.get("refusal_suppressed"):
+        return error_response(error)
+    services().audit.record(
+        {
+            "event": "api_refusal",
+            "decision": "deny",
+            "request_id": g.request_id,
+            "path": request.path,
+            "error": error.error,
+            "error_description": error.description,
+        }
+    )
+    return error_response(error)

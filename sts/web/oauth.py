@@ -13,13 +13,19 @@ from sts.callers import Caller
 from sts.catalog import TokenClass
 from sts.client_auth import CLIENT_ASSERTION_TYPE_JWT_SPIFFE
 from sts.config import Settings
-from sts.errors import InvalidCallerToken, InvalidClient, InvalidRequest
+from sts.errors import InvalidCallerToken, InvalidClient, InvalidRequest, StsError
 from sts.exchange import GRANT_TYPE_TOKEN_EXCHANGE
 from sts.svid import ALGORITHMS as JWT_SVID_ALGORITHMS
-from sts.web.common import services
+from sts.web.common import audited_refusal, services
 from sts.web.http import client_certificate_chain, parse_form, read_wsgi_body
 
 oauth = Blueprint("oauth", __name__)
+
+
+@oauth.errorhandler(StsError)
+def refused(error: StsError) -> Response:
+    """A refused introspection or revocation (bad credentials, bad body) leaves an audit line."""
+    return audited_refusal(error)
 
 def read_form() -> dict[str, list[str]]:
     """The form body of this request (introspection, revocation): the listener already bounded it."""

@@ -16,7 +16,7 @@ from sts.admin import exception_json
 from sts.callers import Caller
 from sts.errors import InvalidRequest, StsError
 from sts.tasks import task_json
-from sts.web.common import error_response, gate_refusal, services
+from sts.web.common import audited_refusal, services
 from sts.web.http import client_certificate_chain
 
 resources = Blueprint("resources", __name__)
@@ -26,24 +26,8 @@ JSON_CONTENT_TYPE = "application/json"
 
 @resources.errorhandler(StsError)
 def refused(error: StsError) -> Response:
-    """Every refused call here (bad credentials, not an admin, bad body) leaves an audit line.
-
-    Except past an anonymous caller's refusal budget (``gate_refusal``): then one summary line.
-    """
-    error = gate_refusal(error)
-    if g.get("refusal_suppressed"):
-        return error_response(error)
-    services().audit.record(
-        {
-            "event": "api_refusal",
-            "decision": "deny",
-            "request_id": g.request_id,
-            "path": request.path,
-            "error": error.error,
-            "error_description": error.description,
-        }
-    )
-    return error_response(error)
+    """Every refused call here (bad credentials, not an admin, bad body) leaves an audit line."""
+    return audited_refusal(error)
 
 
 def _caller() -> Caller:

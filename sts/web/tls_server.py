@@ -360,6 +360,7 @@ class _Supervisor:
         self._sock = bind(settings)
         self._children: dict[int, float] = {}  # pid → when it was started
         self._stopping = False
+        self._failed = False  # stopping because workers keep dying, not because we were told to
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
@@ -386,12 +387,13 @@ class _Supervisor:
             quick_deaths = quick_deaths + 1 if time.monotonic() - born < 5 else 0
             if quick_deaths >= 3:
                 log.error("TLS workers keep failing at start; stopping (see the errors above)")
+                self._failed = True
                 self._stop(signal.SIGTERM, None)
                 continue
             log.error("TLS worker %d exited; starting another", pid)
             self._spawn()
         self._sock.close()
-        return EXIT_OK if self._stopping else EXIT_FAILED
+        return EXIT_OK if self._stopping and not self._failed else EXIT_FAILED
 
     def _spawn(self) -> None:
         pid = os.fork()

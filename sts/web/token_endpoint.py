@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from sts.errors import InvalidClient, RateLimited, StsError
+from sts.errors import InvalidClient, InvalidRequest, RateLimited, StsError
 from sts.exchange import ExchangeRequest
 from sts.runtime import Services
 from sts.web.http import HttpRequest, HttpResponse, error_answer, json_response, parse_form
@@ -83,13 +83,17 @@ class TokenEndpoint:
 
     def handle(self, request: HttpRequest) -> HttpResponse:
         rid = request_id(request.headers.get("x-request-id"))
-        if request.method != "POST":
-            body = {"error": "invalid_request", "error_description": "the token endpoint takes POST only"}
-            return self._respond(405, body, rid, [("Allow", "POST")])
         exchange = self._services.exchange
 
         def record(error: StsError) -> None:
             exchange.record_refusal(error, request_id=rid)
+
+        if request.method != "POST":
+            wrong_method = InvalidRequest("the token endpoint takes POST only")
+            refused = early_refusal(self._services, wrong_method, request.source, record)
+            if refused is not wrong_method:
+                return self._refusal(refused, rid)  # past the anonymous budget: 429
+            return self._respond(405, wrong_method.to_json(), rid, [("Allow", "POST")])
 
         try:
             if request.body_error is not None:
