@@ -137,6 +137,15 @@ def test_a_request_in_flight_finishes_during_the_drain(
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]  # answered (unauthenticated), not cut
         assert process.wait(timeout=15) == 0
     assert nothing_left(process.pid), group_members(process.pid)
+    rid = next(
+        line.split(b": ", 1)[1].strip()
+        for line in answer.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id")
+    )
+    audit = (tmp_path / "audit.jsonl").read_text()
+    assert f'"request_id": "{rid.decode()}"' in audit or f'"request_id":"{rid.decode()}"' in audit, (
+        "flushed at stop"
+    )
 
 
 def test_a_stuck_worker_does_not_keep_the_server_alive(
