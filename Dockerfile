@@ -25,7 +25,9 @@ COPY sts/ sts/
 COPY spire/ spire/
 # Every dependency publishes manylinux wheels for CPython 3.11, so no compiler is installed here
 # either: should one ever need building from source, this step fails instead of growing a toolchain.
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+# The distribution is spiffe-sts; the server's dependencies are its "server" extra (the base
+# install is the client and verifier libraries only).
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels '.[server]'
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VERSION=0.1.0
@@ -48,7 +50,8 @@ RUN groupadd --system --gid 10001 sts \
 # means nothing but the wheels built above is installed. pip compiles the bytecode at install time,
 # so nothing is written under site-packages at run time (read-only root).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python -m pip install --no-cache-dir --no-index --find-links=/wheels /wheels/sts-*.whl \
+    set -- /wheels/spiffe_sts-*.whl \
+ && python -m pip install --no-cache-dir --no-index --find-links=/wheels "$1[server]" \
  && sts --help > /dev/null
 USER 10001:10001
 WORKDIR /var/lib/sts

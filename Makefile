@@ -23,11 +23,13 @@ $(BIN)/python: | python-version
 
 # What running needs (make run): the package and its dependencies only.
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip uninstall --quiet --quiet --yes sts  # the distribution's name before spiffe-sts
+	$(BIN)/python -m pip install --quiet -e '.[server]'
 	@touch $(RUN_STAMP)
 
 # What testing needs besides: linters, type checker, pytest, the third-party interop clients.
 $(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip uninstall --quiet --quiet --yes sts  # the distribution's name before spiffe-sts
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP) $(RUN_STAMP)
 
@@ -48,13 +50,17 @@ typecheck: $(STAMP)
 unit: $(STAMP) system-deps node-deps
 	$(BIN)/pytest
 
-## system-deps: what the tests run besides Python (redis-server), from Debian's packages when missing
+## system-deps: what the tests run besides Python (redis-server, redis-sentinel), from Debian's packages when missing
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (the store tests start their own)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -q --no-install-recommends redis-server; }
+	@command -v redis-sentinel >/dev/null 2>&1 || { \
+	  echo "installing redis-sentinel (the failover tests start their own Sentinels)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends redis-sentinel; }
 
 ## node-deps: the pinned npm clients the interop tests drive (tests/interop/package-lock.json, `npm ci`);
 ## reinstalled only when the lock file is newer than the install (node_modules/.package-lock.json)

@@ -3,7 +3,9 @@
 ``POST /admin/revocations`` revokes one ``jti``, a whole task (every token issued under it), or every
 token of a SPIFFE ID (optionally only until an end time, during which it gets no new token either).
 ``POST /admin/exceptions`` grants one workload one target's scopes for a bounded time; an exception
-without an end is refused. Only SPIFFE IDs in ``admins`` may call these.
+without an end is refused. ``POST /admin/store-loss/ack`` accepts a loss of the shared store
+(``sts.store.epoch``), optionally re-asserting a kill list first, so exchanges resume. Only SPIFFE IDs
+in ``admins`` may call these.
 
 Must not import Flask.
 """
@@ -24,6 +26,7 @@ from sts.store import ExceptionGrant, Store, SubjectRevocation
 from sts.strict_json import is_text
 
 MAX_REASON_CHARS = 500
+MAX_KILL_LIST = 1000
 MAX_EXCEPTION_SECONDS = 7 * 24 * 3600
 MAX_FUTURE_SECONDS = 366 * 24 * 3600
 
@@ -138,6 +141,53 @@ class Admin:
             now=current,
         )
         return grant
+
+    def acknowledge_store_loss(
+        self, caller: Caller, body: Any, *, request_id: str, now: float | None = None
+    ) -> dict[str, Any]:
+        """``{"reason": …, "kill_list"?: [SPIFFE ID, …]}``: end the store loss in force.
+
+        Every ``kill_list`` entry is first revoked for good, exactly as ``POST /admin/revocations``
+        with that ``spiffe_id`` (each audited); then the loss is acknowledged in the store, for every
+        replica, and audited. Tokens issued before the loss stay inactive; exchanges resume once its
+        not-before has passed. Nothing in force: ``acknowledged: false``, nothing changed.
+        """
+        current = int(time.time() if now is None else now)
+        fields = _object(body, {"reason", "kill_list"})
+        reason = _reason(fields)
+        kill_list = fields.get("kill_list", [])
+        if not isinstance(kill_list, list) or len(kill_list) > MAX_KILL_LIST:
+            raise InvalidRequest(f"kill_list must be a list of at most {MAX_KILL_LIST} SPIFFE IDs")
+        killed = sorted({str(_spiffe_id(value, "kill_list")) for value in kill_list})
+        for spiffe_id in killed:
+            kill = {"spiffe_id": spiffe_id, "reason": reason}
+            self.revoke(caller, kill, request_id=request_id, now=current)
+        loss = self._store.acknowledge_loss(by=str(caller.spiffe_id), reason=reason, at=current)
+        result: dict[str, Any] = {"acknowledged": loss is not None, "kill_list": killed}
+        if loss is not None:
+            result.update(
+                epoch=loss.epoch,
+                previous_epoch=loss.previous,
+                cause=loss.cause,
+                detected_at=round(loss.detected_at, 3),
+                detected_by=loss.detected_by,
+                not_before=loss.not_before,
+                resumes_after=loss.not_before,
+            )
+        else:
+            result["detail"] = "no store loss is in force"
+        self._audit.record(
+            {
+                "event": "store_loss_acknowledged",
+                "decision": "allow" if loss is not None else "ignored",
+                "request_id": request_id,
+                "caller": str(caller.spiffe_id),
+                "reason": reason,
+                **result,
+            },
+            now=current,
+        )
+        return result
 
     def list_exceptions(self, now: float | None = None) -> list[dict[str, Any]]:
         current = time.time() if now is None else now

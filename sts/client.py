@@ -10,8 +10,15 @@ back as the :mod:`sts.errors` classes the server raised; 429 and 503 are retried
 that never comes before ``Retry-After``. :class:`RequestsTokenAuth` and :class:`HttpxTokenAuth`
 attach the right token (and a fresh DPoP proof with ``ath``) to every request.
 
+A cached token dies with its task, and the client learns it without waiting for a refusal wherever
+that is cheap: :meth:`TokenClient.complete_task` drops the task's tokens before it asks the STS, a
+task's deadline (noted from :meth:`TokenClient.create_task` and :meth:`TokenClient.task`, or by
+:meth:`TokenClient.note_task_deadline`) ends their use, :meth:`TokenClient.revoke` forgets the token,
+and the auth adapters forget a token on any 401 (or ``invalid_token`` challenge) of a resource server.
+
 Thread-safe: one lock guards the cache, and one exchange at a time runs per cache key, so a burst of
-requests for the same target costs one exchange.
+requests for the same target costs one exchange. :class:`AsyncTokenClient` keeps the same rules for
+asyncio and trio programs (``httpx.AsyncClient``; one exchange in flight per key across tasks).
 
 Must not import Flask or the server side (``sts.exchange``, ``sts.web``): it runs inside workloads.
 """
@@ -20,13 +27,16 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
+import ssl
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from typing import Any, Protocol
 
+import anyio
 import anyio.to_thread
 import httpx
 import jwt
@@ -54,12 +64,31 @@ from sts.errors import (
 )
 from sts.memfile import MemoryFile
 
+__all__ = [
+    "CLIENT_ASSERTION_TYPE_JWT_SPIFFE",
+    "GRANT_TYPE_TOKEN_EXCHANGE",
+    "TOKEN_TYPE_JWT",
+    "AccessToken",
+    "AsyncTokenClient",
+    "CachedJwtSvid",
+    "DpopKey",
+    "HttpxTokenAuth",
+    "RequestsTokenAuth",
+    "SvidSource",
+    "TokenClient",
+    "TokenRequest",
+    "WorkloadApiSvids",
+    "error_from_response",
+]
+
 log = logging.getLogger(__name__)
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 CLIENT_ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
 SERVER_CA_RECHECK_SECONDS = 30.0  # how stale the STS's CA file may get after an X.509 CA rotation
+# How long a copy of our own SVID is kept before the agent is asked again (it caches: a cheap call).
+SVID_RECHECK_SECONDS = 30.0
 
 # RFC 6749 §5.2 / RFC 6750 / RFC 9449 codes → the class the server raised for them.
 ERROR_CLASSES: Mapping[str, type[StsError]] = {
@@ -237,8 +266,16 @@ class CachedJwtSvid:
             if self._token is None or now >= self._refresh_at:
                 token = self._source.jwt_svid(self._audience)
                 self._token = token
-                self._refresh_at = now + max(1.0, (_unverified_exp(token) - now) / 2)
+                # At most SVID_RECHECK_SECONDS old: after a JWT authority is tainted and revoked, SPIRE's
+                # agent re-mints at once, and a copy kept for half its life would be refused meanwhile.
+                half_life = max(1.0, (_unverified_exp(token) - now) / 2)
+                self._refresh_at = now + min(half_life, SVID_RECHECK_SECONDS)
             return self._token
+
+    def invalidate(self) -> None:
+        """Forget the cached SVID (the STS refused it): the next :meth:`get` asks the agent again."""
+        with self._lock:
+            self._token = None
 
 
 def _unverified_exp(token: str) -> float:
@@ -356,36 +393,26 @@ class _TlsIdentity:
         self.key.close()
 
 
-class TokenClient:
-    """Access tokens for one workload, from one STS; see the module docstring for the rules it keeps.
-
-    ``issuer``: the STS issuer (the audience of the JWT-SVIDs it accepts). ``token_endpoint``
-    defaults to ``<issuer>/token``; ``mtls_token_endpoint`` is the TLS listener's (``https``), whose
-    certificate is verified with ``server_ca`` (PEM) or else with this workload's trust bundle from
-    the Workload API, against the URL's host name (re-read when the bundle changes). ``spiffe_id``
-    picks the workload's identity when its agent serves several (:class:`WorkloadApiSvids`).
-    ``refresh_margin``: a cached token is not handed
-    out when it has less than this left (at most half its lifetime). ``clock`` and ``sleep`` are
-    injectable for tests.
-    """
+class _ClientBase:
+    """What :class:`TokenClient` and :class:`AsyncTokenClient` share: the cache and its rules, the
+    workload's SVIDs and TLS identity, the exchange's form and answer. No network I/O of its own
+    but the Workload API (py-spiffe, blocking)."""
 
     def __init__(
         self,
         issuer: str,
         *,
-        socket: str | None = None,
-        spiffe_id: str | None = None,
-        svids: SvidSource | None = None,
-        token_endpoint: str | None = None,
-        mtls_token_endpoint: str | None = None,
-        server_ca: str | None = None,
-        session: requests.Session | None = None,
-        timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        refresh_margin: float = 10.0,
-        max_attempts: int = 4,
-        max_retry_wait: float = 10.0,
-        clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
+        socket: str | None,
+        spiffe_id: str | None,
+        svids: SvidSource | None,
+        token_endpoint: str | None,
+        mtls_token_endpoint: str | None,
+        server_ca: str | None,
+        timeout: float,
+        refresh_margin: float,
+        max_attempts: int,
+        max_retry_wait: float,
+        clock: Callable[[], float],
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.token_endpoint = token_endpoint or f"{self.issuer}/token"
@@ -395,18 +422,15 @@ class TokenClient:
         )
         self._owns_svids = svids is None
         self._server_ca = server_ca
-        self._session = session if session is not None else requests.Session()
-        self._owns_session = session is None
         self._timeout = timeout
         self._refresh_margin = refresh_margin
         self._max_attempts = max(1, max_attempts)
         self._max_retry_wait = max_retry_wait
         self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # never held across I/O or an await
         self._cache: dict[_CacheKey, AccessToken] = {}
-        self._flights: dict[_CacheKey, threading.Lock] = {}
         self._task_epochs: dict[str, int] = {}
+        self._task_deadlines: dict[str, float] = {}
         self._tls: _TlsIdentity | None = None
         self._previous_tls: _TlsIdentity | None = None
         self._tls_lock = threading.Lock()
@@ -415,63 +439,7 @@ class TokenClient:
         self._server_ca_pem = b""
         self._server_ca_checked = float("-inf")
 
-    # --- tokens -------------------------------------------------------------------------------
-
-    def token(
-        self,
-        *,
-        audience: str | None = None,
-        resource: str | None = None,
-        scope: str | Iterable[str] = (),
-        task_id: str | None = None,
-        dpop: DpopKey | None = None,
-        mtls: bool = False,
-        client_assertion: bool = False,
-    ) -> AccessToken:
-        """A token for one target: from the cache while it has ``refresh_margin`` left, else exchanged."""
-        return self.get(
-            TokenRequest.of(
-                audience=audience,
-                resource=resource,
-                scope=scope,
-                task_id=task_id,
-                dpop=dpop,
-                mtls=mtls,
-                client_assertion=client_assertion,
-            )
-        )
-
-    def get(self, want: TokenRequest) -> AccessToken:
-        """:meth:`token` for a prepared :class:`TokenRequest` (what the auth adapters hold)."""
-        key = self._key(want)
-        with self._lock:
-            cached = self._fresh(key)
-            if cached is not None:
-                return cached
-            flight = self._flights.setdefault(key, threading.Lock())
-        with flight:  # one exchange per key; the others wait for it and take its result
-            with self._lock:
-                cached = self._fresh(key)
-                if cached is not None:
-                    return cached
-                epoch = self._task_epochs.get(want.task_id, 0) if want.task_id else 0
-            try:
-                issued = self._exchange(want)
-            except InvalidRequest:
-                # The task ended, was revoked, or never was ours: nothing cached for it is good any more.
-                if want.task_id is not None:
-                    self.end_task(want.task_id)
-                raise
-            finally:
-                with self._lock:
-                    if self._flights.get(key) is flight:
-                        del self._flights[key]
-            with self._lock:
-                # An end_task() that ran while we were exchanging wins: the token is returned, not kept.
-                if want.task_id is None or self._task_epochs.get(want.task_id, 0) == epoch:
-                    self._prune()
-                    self._cache[key] = issued
-            return issued
+    # --- the cache ----------------------------------------------------------------------------
 
     def end_task(self, task_id: str) -> None:
         """Forget every token of ``task_id``: none is handed out again, even one being exchanged now."""
@@ -480,8 +448,17 @@ class TokenClient:
             for key in [k for k in self._cache if k.task_id == task_id]:
                 del self._cache[key]
 
+    def note_task_deadline(self, task_id: str, expires_at: float) -> None:
+        """The task ends at ``expires_at`` (epoch seconds): no cached token of it is handed out after.
+
+        :meth:`TokenClient.create_task` and :meth:`TokenClient.task` note it from the STS's answer; an
+        agent handed a task id (and its ``expires_at``) by its orchestrator may note it itself.
+        """
+        with self._lock:
+            self._task_deadlines[task_id] = float(expires_at)
+
     def invalidate(self, token: str) -> None:
-        """Forget one token (a resource server answered ``invalid_token``: revoked or expired early)."""
+        """Forget one token (a resource server answered 401 or ``invalid_token``: revoked, or dead early)."""
         with self._lock:
             for key in [k for k, v in self._cache.items() if v.value == token]:
                 del self._cache[key]
@@ -489,6 +466,44 @@ class TokenClient:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+
+    def _cached(self, key: _CacheKey) -> AccessToken | None:
+        with self._lock:
+            return self._fresh(key)
+
+    def _fresh(self, key: _CacheKey) -> AccessToken | None:
+        """The cached token for ``key`` if it may still be handed out (lock held)."""
+        token = self._cache.get(key)
+        if token is None:
+            return None
+        now = self._clock()
+        if token.usable(now, self._refresh_margin) and not self._task_over(key.task_id, now):
+            return token
+        del self._cache[key]
+        return None
+
+    def _task_over(self, task_id: str | None, now: float) -> bool:
+        deadline = self._task_deadlines.get(task_id) if task_id is not None else None
+        return deadline is not None and now >= deadline
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for key, token in list(self._cache.items()):
+            if not token.usable(now, self._refresh_margin) or self._task_over(key.task_id, now):
+                del self._cache[key]
+        for task_id in [t for t, deadline in self._task_deadlines.items() if deadline <= now - 3600]:
+            del self._task_deadlines[task_id]  # long over: a token of it is refused by the STS anyway
+
+    def _epoch(self, want: TokenRequest) -> int:
+        with self._lock:
+            return self._task_epochs.get(want.task_id, 0) if want.task_id else 0
+
+    def _keep(self, key: _CacheKey, want: TokenRequest, issued: AccessToken, epoch: int) -> None:
+        """Cache ``issued`` unless its task ended while it was being exchanged (end_task wins)."""
+        with self._lock:
+            if want.task_id is None or self._task_epochs.get(want.task_id, 0) == epoch:
+                self._prune()
+                self._cache[key] = issued
 
     def _key(self, want: TokenRequest) -> _CacheKey:
         return _CacheKey(
@@ -501,26 +516,30 @@ class TokenClient:
             client_assertion=want.client_assertion,
         )
 
-    def _fresh(self, key: _CacheKey) -> AccessToken | None:
-        token = self._cache.get(key)
-        if token is None:
-            return None
-        if token.usable(self._clock(), self._refresh_margin):
-            return token
-        del self._cache[key]
-        return None
+    def _note_task(self, body: Mapping[str, Any]) -> None:
+        """Learn from a task object of the STS (create, read): its deadline, and whether it is over."""
+        task_id, expires_at = body.get("task_id"), body.get("expires_at")
+        if not isinstance(task_id, str):
+            return
+        if isinstance(expires_at, int | float) and not isinstance(expires_at, bool):
+            self.note_task_deadline(task_id, expires_at)
+        if body.get("status") not in (None, "active"):
+            self.end_task(task_id)
 
-    def _prune(self) -> None:
-        now = self._clock()
-        for key in [k for k, v in self._cache.items() if not v.usable(now, self._refresh_margin)]:
-            del self._cache[key]
+    # --- the exchange -------------------------------------------------------------------------
 
-    def _exchange(self, want: TokenRequest) -> AccessToken:
-        """One RFC 8693 exchange (with retries); the JWT-SVIDs are fetched fresh for it."""
+    def _endpoint(self, want: TokenRequest) -> str:
+        if not want.mtls:
+            return self.token_endpoint
+        if self.mtls_token_endpoint is None:
+            raise ValueError("mtls needs mtls_token_endpoint (the STS's TLS listener)")
+        return self.mtls_token_endpoint
+
+    def _form(self, want: TokenRequest, subject_token: str, assertion: str | None) -> dict[str, str]:
         form: dict[str, str] = {
             "grant_type": GRANT_TYPE_TOKEN_EXCHANGE,
             "subject_token_type": TOKEN_TYPE_JWT,
-            "subject_token": self._svids.jwt_svid(self.issuer),
+            "subject_token": subject_token,
             "scope": " ".join(sorted(want.scopes)),
         }
         if want.audience is not None:
@@ -529,23 +548,14 @@ class TokenClient:
             form["resource"] = str(want.resource)
         if want.task_id is not None:
             form["task_id"] = want.task_id
-        endpoint = self.token_endpoint
-        if want.client_assertion:
+        if assertion is not None:
             # RFC 7523 §3: audience = the token endpoint URL, so a SPIRE agent (one cached SVID per
             # audience set) hands out an SVID distinct from the subject token.
             form["client_assertion_type"] = CLIENT_ASSERTION_TYPE_JWT_SPIFFE
-            form["client_assertion"] = self._svids.jwt_svid(endpoint)
-        if want.mtls:
-            if self.mtls_token_endpoint is None:
-                raise ValueError("mtls needs mtls_token_endpoint (the STS's TLS listener)")
-            endpoint = self.mtls_token_endpoint
+            form["client_assertion"] = assertion
+        return form
 
-        def headers() -> dict[str, str]:
-            # A new proof per attempt: the STS refuses a replayed jti.
-            return {"DPoP": want.dpop.proof("POST", endpoint)} if want.dpop is not None else {}
-
-        started = self._clock()
-        body = self._call("POST", endpoint, data=form, headers=headers, tls=want.mtls)
+    def _issued(self, body: Mapping[str, Any], want: TokenRequest, started: float) -> AccessToken:
         try:
             value = body["access_token"]
             token_type = str(body.get("token_type", "Bearer"))
@@ -569,98 +579,39 @@ class TokenClient:
             issued_at=started,
         )
 
-    # --- tasks --------------------------------------------------------------------------------
-
-    def create_task(
-        self,
-        assignee: str,
-        targets: Mapping[str, Iterable[str]],
-        *,
-        purpose: str,
-        ttl_seconds: int,
+    def _task_body(
+        self, assignee: str, targets: Mapping[str, Iterable[str]], purpose: str, ttl_seconds: int
     ) -> dict[str, Any]:
-        """``POST /tasks`` as this workload (an orchestrator); the answer has ``task_id``, ``expires_at``."""
-        body = {
+        return {
             "assignee": assignee,
             "targets": [{"target": t, "scopes": sorted(s)} for t, s in targets.items()],
             "purpose": purpose,
             "ttl_seconds": ttl_seconds,
         }
-        return self._call_as_caller("POST", f"{self.issuer}/tasks", json=body)
 
-    def complete_task(self, task_id: str) -> dict[str, Any]:
-        """``POST /tasks/{id}/complete``: every token of the task dies at the STS, and here at once."""
-        self.end_task(task_id)
-        return self._call_as_caller("POST", f"{self.issuer}/tasks/{task_id}/complete", json={})
+    def _retry_wait(self, attempt: int, status: int, headers: Mapping[str, str], body: Any) -> float:
+        """How long to wait before attempt ``attempt + 1`` after a refusal; raises it when not retried.
 
-    def revoke(self, token: str) -> None:
-        """RFC 7009 revocation of one of this workload's own tokens; forgotten here as well."""
-        self.invalidate(token)
-        self._call_as_caller("POST", f"{self.issuer}/revoke", data={"token": token})
-
-    def _call_as_caller(
-        self, method: str, url: str, *, json: Any = None, data: Mapping[str, str] | None = None
-    ) -> dict[str, Any]:
-        """A JSON endpoint, authenticated with a JWT-SVID as bearer (DESIGN.md: tasks, revoke)."""
-        svid = self._svids.jwt_svid(self.issuer)
-        return self._call(
-            method, url, json=json, data=data, headers=lambda: {"Authorization": f"Bearer {svid}"}
-        )
-
-    # --- transport ----------------------------------------------------------------------------
-
-    def _call(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Callable[[], dict[str, str]],
-        data: Mapping[str, str] | None = None,
-        json: Any = None,
-        tls: bool = False,
-    ) -> dict[str, Any]:
-        """One request with bounded retries of 429/503 and connection failures; errors as ``sts.errors``.
-
-        A retry never comes before ``Retry-After``; when the server asks for a longer wait than
-        ``max_retry_wait`` the refusal is raised at once (a spent task budget says "until the deadline").
+        Only 429 and 503 are retried, never sooner than ``Retry-After``; a server asking for a longer
+        wait than ``max_retry_wait`` (a spent task budget says "until the deadline") is raised at once.
         """
-        extra: dict[str, Any] = {}
-        if tls:
-            identity = self._tls_identity()
-            extra = {"cert": (identity.cert_file, identity.key_file), "verify": self._server_ca_file()}
-        for attempt in range(1, self._max_attempts + 1):
-            backoff = min(self._max_retry_wait, 0.2 * 2 ** (attempt - 1))
-            try:
-                response = self._session.request(
-                    method,
-                    url,
-                    data=data,
-                    json=json,
-                    headers=headers(),
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                    **extra,
-                )
-            except requests.RequestException as e:
-                if attempt == self._max_attempts:
-                    raise TemporarilyUnavailable("the STS cannot be reached", detail=str(e)) from e
-                self._sleep(backoff)
-                continue
-            body = _json_or_none(response)
-            if 200 <= response.status_code < 300:
-                return body if isinstance(body, dict) else {}
-            error = error_from_response(response.status_code, body, response.headers)
-            if response.status_code not in RETRIED_STATUSES or attempt == self._max_attempts:
-                raise error
-            wait = max(backoff, float(_retry_after(response.headers) or 0))
-            if wait > self._max_retry_wait:
-                raise error
-            log.info("the STS answered %s; retrying in %.1fs", response.status_code, wait)
-            self._sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+        error = error_from_response(status, body, headers)
+        if status not in RETRIED_STATUSES or attempt == self._max_attempts:
+            raise error
+        wait = max(self._backoff(attempt), float(_retry_after(headers) or 0))
+        if wait > self._max_retry_wait:
+            raise error
+        log.info("the STS answered %s; retrying in %.1fs", status, wait)
+        return wait
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self._max_retry_wait, 0.2 * 2.0 ** (attempt - 1))
+
+    # --- the X.509-SVID -----------------------------------------------------------------------
 
     def _tls_identity(self) -> _TlsIdentity:
-        """The current X.509-SVID in memory files; re-fetched after half its lifetime."""
+        """The current X.509-SVID in memory files; the agent is asked again every
+        :data:`SVID_RECHECK_SECONDS` (new memory files only when the certificate changed)."""
         now = self._clock()
         with self._tls_lock:
             if self._tls is not None and now < self._tls.refresh_at:
@@ -674,8 +625,13 @@ class TokenClient:
             x5t = certificate_thumbprint(leaf)
             begins = leaf.not_valid_before_utc.timestamp()
             ends = leaf.not_valid_after_utc.timestamp()
+            # Asked again within SVID_RECHECK_SECONDS: SPIRE re-issues early when its CA is tainted.
+            refresh_at = min(begins + (ends - begins) / 2, now + SVID_RECHECK_SECONDS)
+            if self._tls is not None and self._tls.x5t == x5t:
+                self._tls = replace(self._tls, refresh_at=refresh_at)
+                return self._tls
             cert, key_file = MemoryFile(cert_pem, "svid.pem"), MemoryFile(key_pem, "svid.key")
-            identity = _TlsIdentity(cert, key_file, x5t, refresh_at=begins + (ends - begins) / 2)
+            identity = _TlsIdentity(cert, key_file, x5t, refresh_at=refresh_at)
             # A session may still hold the previous paths for a token bound to the previous
             # certificate: they stay readable for one more rotation.
             if self._previous_tls is not None:
@@ -717,9 +673,7 @@ class TokenClient:
                 self._server_ca_memory, self._server_ca_pem = MemoryFile(pem, "server-ca.pem"), pem
             return self._server_ca_memory.path
 
-    def close(self) -> None:
-        if self._owns_session:
-            self._session.close()
+    def _close_identity(self) -> None:
         if self._owns_svids:
             self._svids.close()
         with self._tls_lock:
@@ -732,11 +686,453 @@ class TokenClient:
                     ca_file.close()
             self._server_ca_memory = self._previous_server_ca = None
 
+
+class TokenClient(_ClientBase):
+    """Access tokens for one workload, from one STS; see the module docstring for the rules it keeps.
+
+    ``issuer``: the STS issuer (the audience of the JWT-SVIDs it accepts). ``token_endpoint``
+    defaults to ``<issuer>/token``; ``mtls_token_endpoint`` is the TLS listener's (``https``), whose
+    certificate is verified with ``server_ca`` (PEM) or else with this workload's trust bundle from
+    the Workload API, against the URL's host name (re-read when the bundle changes). ``spiffe_id``
+    picks the workload's identity when its agent serves several (:class:`WorkloadApiSvids`).
+    ``refresh_margin``: a cached token is not handed
+    out when it has less than this left (at most half its lifetime). ``clock`` and ``sleep`` are
+    injectable for tests.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        *,
+        socket: str | None = None,
+        spiffe_id: str | None = None,
+        svids: SvidSource | None = None,
+        token_endpoint: str | None = None,
+        mtls_token_endpoint: str | None = None,
+        server_ca: str | None = None,
+        session: requests.Session | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        refresh_margin: float = 10.0,
+        max_attempts: int = 4,
+        max_retry_wait: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(
+            issuer,
+            socket=socket,
+            spiffe_id=spiffe_id,
+            svids=svids,
+            token_endpoint=token_endpoint,
+            mtls_token_endpoint=mtls_token_endpoint,
+            server_ca=server_ca,
+            timeout=timeout,
+            refresh_margin=refresh_margin,
+            max_attempts=max_attempts,
+            max_retry_wait=max_retry_wait,
+            clock=clock,
+        )
+        self._session = session if session is not None else requests.Session()
+        self._owns_session = session is None
+        self._sleep = sleep
+        self._flights: dict[_CacheKey, threading.Lock] = {}
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def token(
+        self,
+        *,
+        audience: str | None = None,
+        resource: str | None = None,
+        scope: str | Iterable[str] = (),
+        task_id: str | None = None,
+        dpop: DpopKey | None = None,
+        mtls: bool = False,
+        client_assertion: bool = False,
+    ) -> AccessToken:
+        """A token for one target: from the cache while it has ``refresh_margin`` left, else exchanged."""
+        return self.get(
+            TokenRequest.of(
+                audience=audience,
+                resource=resource,
+                scope=scope,
+                task_id=task_id,
+                dpop=dpop,
+                mtls=mtls,
+                client_assertion=client_assertion,
+            )
+        )
+
+    def get(self, want: TokenRequest) -> AccessToken:
+        """:meth:`token` for a prepared :class:`TokenRequest` (what the auth adapters hold)."""
+        key = self._key(want)
+        with self._lock:
+            cached = self._fresh(key)
+            if cached is not None:
+                return cached
+            flight = self._flights.setdefault(key, threading.Lock())
+        with flight:  # one exchange per key; the others wait for it and take its result
+            cached = self._cached(key)
+            if cached is not None:
+                return cached
+            epoch = self._epoch(want)
+            try:
+                issued = self._exchange(want)
+            except InvalidRequest:
+                # The task ended, was revoked, or never was ours: nothing cached for it is good any more.
+                if want.task_id is not None:
+                    self.end_task(want.task_id)
+                raise
+            finally:
+                with self._lock:
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
+            self._keep(key, want, issued, epoch)
+            return issued
+
+    def _exchange(self, want: TokenRequest) -> AccessToken:
+        """One RFC 8693 exchange (with retries); the JWT-SVIDs are fetched fresh for it."""
+        endpoint = self._endpoint(want)
+        subject = self._svids.jwt_svid(self.issuer)
+        assertion = self._svids.jwt_svid(self.token_endpoint) if want.client_assertion else None
+        form = self._form(want, subject, assertion)
+
+        def headers() -> dict[str, str]:
+            # A new proof per attempt: the STS refuses a replayed jti.
+            return {"DPoP": want.dpop.proof("POST", endpoint)} if want.dpop is not None else {}
+
+        started = self._clock()
+        body = self._call("POST", endpoint, data=form, headers=headers, tls=want.mtls)
+        return self._issued(body, want, started)
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        assignee: str,
+        targets: Mapping[str, Iterable[str]],
+        *,
+        purpose: str,
+        ttl_seconds: int,
+    ) -> dict[str, Any]:
+        """``POST /tasks`` as this workload (an orchestrator); the answer has ``task_id``, ``expires_at``."""
+        body = self._task_body(assignee, targets, purpose, ttl_seconds)
+        task = self._call_as_caller("POST", f"{self.issuer}/tasks", json=body)
+        self._note_task(task)
+        return task
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        """``GET /tasks/{id}`` (creator or assignee): the task; its deadline is noted, and when it is no
+        longer active its cached tokens are dropped at once."""
+        task = self._call_as_caller("GET", f"{self.issuer}/tasks/{task_id}")
+        self._note_task(task)
+        return task
+
+    def complete_task(self, task_id: str) -> dict[str, Any]:
+        """``POST /tasks/{id}/complete``: every token of the task dies at the STS, and here at once."""
+        self.end_task(task_id)
+        return self._call_as_caller("POST", f"{self.issuer}/tasks/{task_id}/complete", json={})
+
+    def revoke(self, token: str) -> None:
+        """RFC 7009 revocation of one of this workload's own tokens; forgotten here as well."""
+        self.invalidate(token)
+        self._call_as_caller("POST", f"{self.issuer}/revoke", data={"token": token})
+
+    def _call_as_caller(
+        self, method: str, url: str, *, json: Any = None, data: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A JSON endpoint, authenticated with a JWT-SVID as bearer (DESIGN.md: tasks, revoke)."""
+        svid = self._svids.jwt_svid(self.issuer)
+        return self._call(
+            method, url, json=json, data=data, headers=lambda: {"Authorization": f"Bearer {svid}"}
+        )
+
+    # --- transport ----------------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Callable[[], dict[str, str]],
+        data: Mapping[str, str] | None = None,
+        json: Any = None,
+        tls: bool = False,
+    ) -> dict[str, Any]:
+        """One request with bounded retries of 429/503 and connection failures; errors as ``sts.errors``."""
+        extra: dict[str, Any] = {}
+        if tls:
+            identity = self._tls_identity()
+            extra = {"cert": (identity.cert_file, identity.key_file), "verify": self._server_ca_file()}
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                response = self._session.request(
+                    method,
+                    url,
+                    data=data,
+                    json=json,
+                    headers=headers(),
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    **extra,
+                )
+            except requests.RequestException as e:
+                if attempt == self._max_attempts:
+                    raise TemporarilyUnavailable("the STS cannot be reached", detail=str(e)) from e
+                self._sleep(self._backoff(attempt))
+                continue
+            body = _json_or_none(response)
+            if 200 <= response.status_code < 300:
+                return body if isinstance(body, dict) else {}
+            self._sleep(self._retry_wait(attempt, response.status_code, response.headers, body))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+        self._close_identity()
+
     def __enter__(self) -> TokenClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncTokenClient(_ClientBase):
+    """:class:`TokenClient` for asyncio (and trio) programs, over ``httpx.AsyncClient``.
+
+    The same cache and rules: one exchange in flight per cache key however many tasks ask at once (the
+    others await it and take its token), tokens never handed out past ``refresh_margin``, their task's
+    end (:meth:`end_task`, :meth:`complete_task`, a known deadline) or a resource server's 401; 429
+    and 503 retried after ``Retry-After``. The Workload API calls (py-spiffe, blocking) run in worker
+    threads; nothing here blocks the event loop on the network.
+
+    ``http``: the ``httpx.AsyncClient`` to the STS (one is made and closed with this client
+    otherwise); mTLS exchanges use a client of their own holding the X.509-SVID, renewed when the
+    SVID or the STS's CA changes. ``sleep`` is awaited between retries (injectable for tests).
+    Use as ``async with AsyncTokenClient(...) as client:`` or call :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        *,
+        socket: str | None = None,
+        spiffe_id: str | None = None,
+        svids: SvidSource | None = None,
+        token_endpoint: str | None = None,
+        mtls_token_endpoint: str | None = None,
+        server_ca: str | None = None,
+        http: httpx.AsyncClient | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        refresh_margin: float = 10.0,
+        max_attempts: int = 4,
+        max_retry_wait: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        super().__init__(
+            issuer,
+            socket=socket,
+            spiffe_id=spiffe_id,
+            svids=svids,
+            token_endpoint=token_endpoint,
+            mtls_token_endpoint=mtls_token_endpoint,
+            server_ca=server_ca,
+            timeout=timeout,
+            refresh_margin=refresh_margin,
+            max_attempts=max_attempts,
+            max_retry_wait=max_retry_wait,
+            clock=clock,
+        )
+        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout)
+        self._owns_http = http is None
+        self._sleep = sleep
+        self._flights: dict[_CacheKey, anyio.Lock] = {}
+        self._mtls_http: tuple[tuple[str, str], httpx.AsyncClient] | None = None
+        self._retired_http: list[httpx.AsyncClient] = []
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    async def token(
+        self,
+        *,
+        audience: str | None = None,
+        resource: str | None = None,
+        scope: str | Iterable[str] = (),
+        task_id: str | None = None,
+        dpop: DpopKey | None = None,
+        mtls: bool = False,
+        client_assertion: bool = False,
+    ) -> AccessToken:
+        """A token for one target: from the cache while it has ``refresh_margin`` left, else exchanged."""
+        return await self.get(
+            TokenRequest.of(
+                audience=audience,
+                resource=resource,
+                scope=scope,
+                task_id=task_id,
+                dpop=dpop,
+                mtls=mtls,
+                client_assertion=client_assertion,
+            )
+        )
+
+    async def get(self, want: TokenRequest) -> AccessToken:
+        """:meth:`token` for a prepared :class:`TokenRequest` (what the auth adapters hold)."""
+        key = await anyio.to_thread.run_sync(self._key, want) if want.mtls else self._key(want)
+        with self._lock:
+            cached = self._fresh(key)
+            if cached is not None:
+                return cached
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = anyio.Lock()
+        async with flight:  # one exchange per key; the others wait for it and take its result
+            cached = self._cached(key)
+            if cached is not None:
+                return cached
+            epoch = self._epoch(want)
+            try:
+                issued = await self._exchange(want)
+            except InvalidRequest:
+                if want.task_id is not None:
+                    self.end_task(want.task_id)
+                raise
+            finally:
+                with self._lock:
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
+            self._keep(key, want, issued, epoch)
+            return issued
+
+    async def _exchange(self, want: TokenRequest) -> AccessToken:
+        endpoint = self._endpoint(want)
+        subject = await anyio.to_thread.run_sync(self._svids.jwt_svid, self.issuer)
+        assertion = (
+            await anyio.to_thread.run_sync(self._svids.jwt_svid, self.token_endpoint)
+            if want.client_assertion
+            else None
+        )
+        form = self._form(want, subject, assertion)
+
+        def headers() -> dict[str, str]:
+            return {"DPoP": want.dpop.proof("POST", endpoint)} if want.dpop is not None else {}
+
+        started = self._clock()
+        body = await self._call("POST", endpoint, data=form, headers=headers, tls=want.mtls)
+        return self._issued(body, want, started)
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    async def create_task(
+        self,
+        assignee: str,
+        targets: Mapping[str, Iterable[str]],
+        *,
+        purpose: str,
+        ttl_seconds: int,
+    ) -> dict[str, Any]:
+        """``POST /tasks`` as this workload; the answer has ``task_id``, ``expires_at`` (noted)."""
+        body = self._task_body(assignee, targets, purpose, ttl_seconds)
+        task = await self._call_as_caller("POST", f"{self.issuer}/tasks", json=body)
+        self._note_task(task)
+        return task
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        """``GET /tasks/{id}``: the task; its deadline noted, its tokens dropped when it is over."""
+        task = await self._call_as_caller("GET", f"{self.issuer}/tasks/{task_id}")
+        self._note_task(task)
+        return task
+
+    async def complete_task(self, task_id: str) -> dict[str, Any]:
+        """``POST /tasks/{id}/complete``: every token of the task dies at the STS, and here at once."""
+        self.end_task(task_id)
+        return await self._call_as_caller("POST", f"{self.issuer}/tasks/{task_id}/complete", json={})
+
+    async def revoke(self, token: str) -> None:
+        """RFC 7009 revocation of one of this workload's own tokens; forgotten here as well."""
+        self.invalidate(token)
+        await self._call_as_caller("POST", f"{self.issuer}/revoke", data={"token": token})
+
+    async def _call_as_caller(
+        self, method: str, url: str, *, json: Any = None, data: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        svid = await anyio.to_thread.run_sync(self._svids.jwt_svid, self.issuer)
+        return await self._call(
+            method, url, json=json, data=data, headers=lambda: {"Authorization": f"Bearer {svid}"}
+        )
+
+    # --- transport ----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Callable[[], dict[str, str]],
+        data: Mapping[str, str] | None = None,
+        json: Any = None,
+        tls: bool = False,
+    ) -> dict[str, Any]:
+        """One request with bounded retries of 429/503 and connection failures; errors as ``sts.errors``."""
+        http = await self._tls_http() if tls else self._http
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                response = await http.request(
+                    method,
+                    url,
+                    data=data,
+                    json=json,
+                    headers=headers(),
+                    timeout=self._timeout,
+                    follow_redirects=False,
+                )
+            except httpx.TransportError as e:
+                if attempt == self._max_attempts:
+                    raise TemporarilyUnavailable("the STS cannot be reached", detail=str(e)) from e
+                await self._sleep(self._backoff(attempt))
+                continue
+            body = _httpx_json_or_none(response)
+            if 200 <= response.status_code < 300:
+                return body if isinstance(body, dict) else {}
+            await self._sleep(self._retry_wait(attempt, response.status_code, response.headers, body))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _tls_http(self) -> httpx.AsyncClient:
+        """The mTLS client: the current X.509-SVID and the STS's CA in its SSL context (remade on change)."""
+
+        def files() -> tuple[str, str, str]:
+            identity = self._tls_identity()
+            return identity.cert_file, identity.key_file, self._server_ca_file()
+
+        cert_file, key_file, ca_file = await anyio.to_thread.run_sync(files)
+        current = self._mtls_http
+        if current is not None and current[0] == (cert_file, ca_file):
+            return current[1]
+        context = ssl.create_default_context(cafile=ca_file)
+        context.load_cert_chain(cert_file, key_file)
+        client = httpx.AsyncClient(verify=context, timeout=self._timeout)
+        if current is not None:
+            self._retired_http.append(current[1])  # requests in flight may still use it; closed at aclose
+        self._mtls_http = ((cert_file, ca_file), client)
+        return client
+
+    async def aclose(self) -> None:
+        clients = [c for c in (self._mtls_http[1] if self._mtls_http else None,) if c is not None]
+        for client in [*clients, *self._retired_http]:
+            await client.aclose()
+        self._mtls_http, self._retired_http = None, []
+        if self._owns_http:
+            await self._http.aclose()
+        await anyio.to_thread.run_sync(self._close_identity)
+
+    async def __aenter__(self) -> AsyncTokenClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def _json_or_none(response: requests.Response) -> Any:
@@ -746,17 +1142,29 @@ def _json_or_none(response: requests.Response) -> Any:
         return None
 
 
-def _refused_token(www_authenticate: str | None) -> bool:
-    """RFC 6750 §3.1 / RFC 9449 §7.1: the resource server says the token itself is no good."""
-    return www_authenticate is not None and 'error="invalid_token"' in www_authenticate
+def _httpx_json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+_INVALID_TOKEN = re.compile(r'(?:^|[\s,])error\s*=\s*"?invalid_token"?(?:$|[\s,])')
+
+
+def _token_died(status: int, www_authenticate: str | None) -> bool:
+    """RFC 6750 §3.1 / RFC 9449 §7.1: the resource server refused the token itself: any 401 (a token
+    we attached was not accepted: revoked, expired early, its task over), or ``invalid_token`` in a
+    challenge of any status. A 403 ``insufficient_scope`` is about the request, not the token."""
+    return status == 401 or (www_authenticate is not None and bool(_INVALID_TOKEN.search(www_authenticate)))
 
 
 class RequestsTokenAuth(requests.auth.AuthBase):
     """``requests`` auth: the right token for every request (cached), with a fresh DPoP proof each time.
 
-    A ``401`` with ``error="invalid_token"`` makes the client forget that token, so the next request
-    exchanges anew (and learns from the STS if the task has ended). For an ``mtls`` token, give the
-    session the same certificate: ``session.cert = client.client_certificate_files()``.
+    A ``401`` (or an ``invalid_token`` challenge) makes the client forget that token, so the next
+    request exchanges anew (and learns from the STS if the task has ended). For an ``mtls`` token,
+    give the session the same certificate: ``session.cert = client.client_certificate_files()``.
     """
 
     def __init__(self, client: TokenClient, want: TokenRequest | None = None, **wanted: Any) -> None:
@@ -771,18 +1179,21 @@ class RequestsTokenAuth(requests.auth.AuthBase):
         return r
 
     def _on_response(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
-        if response.status_code == 401 and _refused_token(response.headers.get("WWW-Authenticate")):
+        if _token_died(response.status_code, response.headers.get("WWW-Authenticate")):
             self._client.invalidate(_presented(response.request.headers.get("Authorization")))
         return response
 
 
 class HttpxTokenAuth(httpx.Auth):
-    """``httpx`` auth (sync and async clients): like :class:`RequestsTokenAuth`.
+    """``httpx`` auth for ``httpx.Client`` and ``httpx.AsyncClient``: like :class:`RequestsTokenAuth`.
 
-    In an async client the exchange, which blocks, runs in a worker thread.
+    With a :class:`TokenClient` it serves both kinds of client (in an ``AsyncClient`` the exchange,
+    which blocks, runs in a worker thread); with an :class:`AsyncTokenClient`, ``AsyncClient`` only.
     """
 
-    def __init__(self, client: TokenClient, want: TokenRequest | None = None, **wanted: Any) -> None:
+    def __init__(
+        self, client: TokenClient | AsyncTokenClient, want: TokenRequest | None = None, **wanted: Any
+    ) -> None:
         """``want``, or the keyword arguments of :meth:`TokenClient.token`, say which token to attach."""
         self._client = client
         self._want = want if want is not None else TokenRequest.of(**wanted)
@@ -791,16 +1202,21 @@ class HttpxTokenAuth(httpx.Auth):
         request.headers.update(token.headers(request.method, str(request.url)))
 
     def _after(self, response: httpx.Response) -> None:
-        if response.status_code == 401 and _refused_token(response.headers.get("WWW-Authenticate")):
+        if _token_died(response.status_code, response.headers.get("WWW-Authenticate")):
             self._client.invalidate(_presented(response.request.headers.get("Authorization")))
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if not isinstance(self._client, TokenClient):
+            raise TypeError("an AsyncTokenClient serves httpx.AsyncClient only; use a TokenClient here")
         self._apply(request, self._client.get(self._want))
         response = yield request
         self._after(response)
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        token = await anyio.to_thread.run_sync(self._client.get, self._want)
+        if isinstance(self._client, AsyncTokenClient):
+            token = await self._client.get(self._want)
+        else:
+            token = await anyio.to_thread.run_sync(self._client.get, self._want)
         self._apply(request, token)
         response = yield request
         self._after(response)

@@ -60,15 +60,35 @@ class ListenSettings:
     tls: TlsSettings | None = None
 
 
+ENDPOINT_PROFILES = ("https_web", "https_spiffe")
+"""SPIFFE_Federation.md §5.2: the two bundle endpoint profiles."""
+MIN_ENDPOINT_STALENESS = 15
+"""The shortest ``max_staleness`` of a bundle endpoint: three polls at the shortest poll interval
+(``sts.bundle_endpoint.MIN_REFRESH_SECONDS``, 5 s)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TrustDomainSettings:
-    """Where one trust domain's bundle comes from: exactly one of the three sources."""
+    """Where one trust domain's bundle comes from: exactly one of the three sources.
+
+    With ``bundle_endpoint`` (SPIFFE Federation): ``endpoint_profile`` says how the endpoint is
+    authenticated; ``https_web`` with ``endpoint_ca_file`` (None: the system roots), ``https_spiffe``
+    with ``endpoint_spiffe_id`` (in this trust domain: a self-serving endpoint) and
+    ``bootstrap_bundle_file``. ``max_staleness`` None means ``workload_api.max_staleness``;
+    ``cache_file`` None means ``<keys.dir>/../bundles/<trust domain>.json`` (resolved by the runtime,
+    which knows ``keys.dir``).
+    """
 
     trust_domain: TrustDomain
     bundle_file: Path | None = None
     workload_api: bool = False
     bundle_endpoint: str | None = None
     endpoint_profile: str | None = None
+    endpoint_ca_file: Path | None = None
+    endpoint_spiffe_id: SpiffeId | None = None
+    bootstrap_bundle_file: Path | None = None
+    max_staleness: int | None = None
+    cache_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,17 +498,137 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     )
 
 
-def _store_url(section: _Section, base: Path) -> str:
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+_MASTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """``store.redis``: how the Redis store is reached (Sentinel, TLS, ACL credentials from files) and how
+    durable its security writes must be (docs/operations.md)."""
+
+    require_durability: bool = True
+    wait_timeout: int = 2
+    sentinels: tuple[str, ...] = ()
+    master_name: str = "mymaster"
+    username: str | None = None
+    password_file: Path | None = None
+    sentinel_password_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+
+class StoreSettings(str):
+    """``store.url`` (the string itself, so ``Settings.store_url`` is still the URL) with ``store.redis``.
+
+    With ``store.redis.sentinels`` the URL is the ``redis+sentinel://`` URL they make.
+    """
+
+    redis: RedisSettings
+
+    def __new__(cls, url: str, redis: RedisSettings | None = None) -> StoreSettings:
+        value = super().__new__(cls, url)
+        value.redis = redis if redis is not None else RedisSettings()
+        return value
+
+    def __reduce__(self) -> tuple[type[StoreSettings], tuple[str, RedisSettings]]:
+        return (StoreSettings, (str(self), self.redis))
+
+    @property
+    def url(self) -> str:
+        return str(self)
+
+
+def store_settings(settings: Settings) -> StoreSettings:
+    """The store settings of ``settings`` (a plain ``store_url`` string has the default ``store.redis``)."""
+    url = settings.store_url
+    return url if isinstance(url, StoreSettings) else StoreSettings(url)
+
+
+def _store_url(section: _Section, base: Path) -> StoreSettings:
+    redis = _redis_settings(section.section("redis"), base)
+    given = section.has("url")
     url = section.get("url", str, f"sqlite://{base / 'state/sts.db'}")
     relative = url.removeprefix("sqlite:///")
     if url.startswith("sqlite:///") and relative.startswith(("./", "../")):
         # sqlite:///./x.db and sqlite:///../x.db are relative to the config file, like every other path.
         url = f"sqlite://{os.path.normpath(base / relative)}"
-    parts = _split(url)
-    if parts is None or parts.scheme not in ("sqlite", "redis", "rediss", "memory"):
-        section.fail(section.key("url"), "must be sqlite:///path, redis://host:port/db or memory://")
+    if redis.sentinels:
+        url = _sentinel_url(section, url if given else None, redis)
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in _SENTINEL_SCHEMES:
+        userinfo, _, hosts = rest.partition("/")[0].rpartition("@")
+        if not hosts:
+            section.fail(section.key("url"), "must name the Sentinels: redis+sentinel://host:26379/mymaster/0")
+        password = userinfo.partition(":")[2] if ":" in userinfo else None
+    else:
+        parts = _split(url)
+        if parts is None or parts.scheme not in ("sqlite", "redis", "rediss", "memory"):
+            section.fail(
+                section.key("url"),
+                "must be sqlite:///path, redis://host:port/db, redis+sentinel://host:26379/master/db "
+                "or memory://",
+            )
+        password = parts.password if parts is not None and parts.scheme.startswith("redis") else None
+    if password is not None and redis.password_file is not None:
+        section.fail(
+            section.key("url"), "holds a password, and store.redis.password_file names one: give it once"
+        )
+    if password is not None and "store.url" not in section.tree.from_env:
+        log.warning(
+            "%s: 'store.url' holds a Redis password in the configuration file; put it in a file named by "
+            "store.redis.password_file (a mounted Secret) instead",
+            section.tree.where("store.url"),
+        )
     section.done()
-    return url
+    return StoreSettings(url, redis)
+
+
+def _redis_settings(section: _Section, base: Path) -> RedisSettings:
+    """``store.redis``, read whatever the store URL is (so a typo is found before Redis is used)."""
+    sentinels_raw = section.raw("sentinels") or []
+    if not isinstance(sentinels_raw, list) or not all(isinstance(s, str) for s in sentinels_raw):
+        section.fail(section.key("sentinels"), "must be a list of host:port strings")
+    sentinels = []
+    for index, item in enumerate(sentinels_raw):
+        parts = _split(f"//{item.strip()}")
+        if parts is None or not parts.hostname or parts.path or parts.query or parts.port == 0:
+            section.fail(f"{section.key('sentinels')}[{index}]", "must be host:port (26379 if left out)")
+        sentinels.append(item.strip())
+    master_name = section.get("master_name", str, "mymaster")
+    if not _MASTER_NAME.match(master_name):
+        section.fail(section.key("master_name"), "must be a Sentinel master name (letters, digits, . _ -)")
+    settings = RedisSettings(
+        require_durability=section.get("require_durability", bool, True),
+        wait_timeout=section.duration("wait_timeout", 2),
+        sentinels=tuple(sentinels),
+        master_name=master_name,
+        username=section.get("username", str, "") or None,
+        password_file=section.path_value("password_file", base),
+        sentinel_password_file=section.path_value("sentinel_password_file", base),
+        tls_ca_file=section.path_value("tls_ca_file", base),
+    )
+    if settings.wait_timeout > 60:
+        section.fail(section.key("wait_timeout"), "must be at most 60 seconds (a revocation waits for it)")
+    section.done()
+    return settings
+
+
+def _sentinel_url(section: _Section, url: str | None, redis: RedisSettings) -> str:
+    """The ``redis+sentinel://`` URL of ``store.redis.sentinels``: in place of a missing ``store.url``,
+    or filling in the hosts of ``redis+sentinel:///master/db`` (``rediss+sentinel://`` for TLS)."""
+    hosts = ",".join(redis.sentinels)
+    if url is None:
+        return f"redis+sentinel://{hosts}/{redis.master_name}/0"
+    scheme, sep, rest = url.partition("://")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, named = netloc.rpartition("@")
+    if not sep or scheme.lower() not in _SENTINEL_SCHEMES or named:
+        section.fail(
+            section.key("url"),
+            "with store.redis.sentinels must be left out, or be redis+sentinel:///master/db (or "
+            "rediss+sentinel://) without hosts: give the Sentinels once",
+        )
+    return f"{scheme}://{userinfo}{at}{hosts}/{path or f'{redis.master_name}/0'}"
 
 
 def _split(url: str) -> SplitResult | None:
@@ -596,19 +736,126 @@ def _trust_domains(section: _Section, base: Path) -> tuple[TrustDomainSettings, 
         bundle_file = entry.path_value("bundle_file", base)
         bundle = entry.get("bundle", str, "")
         endpoint = entry.get("bundle_endpoint", str, "") or None
-        profile = entry.get("endpoint_profile", str, "") or None
         if bundle and bundle != "workload-api":
             entry.fail(entry.key("bundle"), "must be 'workload-api' (or use bundle_file / bundle_endpoint)")
         chosen = sum(bool(x) for x in (bundle_file, bundle, endpoint))
         if chosen != 1:
             entry.fail(key, "needs exactly one of bundle: workload-api, bundle_file or bundle_endpoint")
-        if endpoint and profile not in ("https_web", "https_spiffe"):
-            entry.fail(entry.key("endpoint_profile"), "must be https_web or https_spiffe")
+        settings = _bundle_endpoint(
+            entry, base, TrustDomainSettings(trust_domain, bundle_file, bool(bundle), endpoint)
+        )
         entry.done()
         if any(existing.trust_domain == trust_domain for existing in out):
             section.fail(key, f"names trust domain {trust_domain} a second time")
-        out.append(TrustDomainSettings(trust_domain, bundle_file, bool(bundle), endpoint, profile))
+        out.append(settings)
     return tuple(out)
+
+
+def _bundle_endpoint(entry: _Section, base: Path, source: TrustDomainSettings) -> TrustDomainSettings:
+    """``source`` with the ``bundle_endpoint`` keys of its entry (SPIFFE_Federation.md §5).
+
+    Every key is read (and so checked) whatever the source; a key of the endpoint given without
+    ``bundle_endpoint``, or one of the other profile, is refused.
+    """
+    trust_domain, endpoint = source.trust_domain, source.bundle_endpoint
+    profile = entry.get("endpoint_profile", str, "") or None
+    ca_file = entry.path_value("endpoint_ca_file", base)
+    spiffe_id_text = entry.get("endpoint_spiffe_id", str, "") or None
+    bootstrap = entry.path_value("bootstrap_bundle_file", base)
+    max_staleness = entry.duration("max_staleness", 0) or None
+    if max_staleness is not None and max_staleness < MIN_ENDPOINT_STALENESS:
+        entry.fail(
+            entry.key("max_staleness"),
+            f"must be at least {MIN_ENDPOINT_STALENESS}s: the bundle endpoint is polled at most every "
+            "5 s, and the bundle must outlive a failed poll or two",
+        )
+    cache_file = entry.path_value("cache_file", base)
+    given = {
+        "endpoint_profile": profile,
+        "endpoint_ca_file": ca_file,
+        "endpoint_spiffe_id": spiffe_id_text,
+        "bootstrap_bundle_file": bootstrap,
+        "max_staleness": max_staleness,
+        "cache_file": cache_file,
+    }
+    if endpoint is None:
+        for name, value in given.items():
+            if value is not None:
+                entry.fail(entry.key(name), "applies only with bundle_endpoint")
+        return source
+    # §5.2.1.1, §5.2.2.1: https, no userinfo; the other components are not constrained, but a
+    # fragment is never sent, so one can only be a mistake.
+    parts = split_uri(endpoint)
+    if (
+        parts is None
+        or parts.scheme != "https"
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.fragment
+        or "#" in endpoint
+    ):
+        entry.fail(
+            entry.key("bundle_endpoint"),
+            "must be an https URL with a host, without userinfo or fragment (SPIFFE Federation §5.2)",
+        )
+    if profile is None:
+        entry.fail(entry.path, "needs endpoint_profile (https_web or https_spiffe) with bundle_endpoint")
+    if profile not in ENDPOINT_PROFILES:
+        entry.fail(entry.key("endpoint_profile"), "must be https_web or https_spiffe")
+    spiffe_id = None
+    if profile == "https_web":
+        for name in ("endpoint_spiffe_id", "bootstrap_bundle_file"):
+            if given[name] is not None:
+                entry.fail(entry.key(name), "applies only with endpoint_profile: https_spiffe")
+    else:
+        if ca_file is not None:
+            entry.fail(
+                entry.key("endpoint_ca_file"),
+                "applies only with endpoint_profile: https_web (https_spiffe is authenticated "
+                "with the trust domain's own bundle)",
+            )
+        spiffe_id = _endpoint_spiffe_id(entry, spiffe_id_text, trust_domain)
+        if bootstrap is None:
+            entry.fail(
+                entry.path,
+                "needs bootstrap_bundle_file with endpoint_profile: https_spiffe (the partner's bundle "
+                "that authenticates the endpoint until a newer one is fetched)",
+            )
+    return TrustDomainSettings(
+        trust_domain,
+        source.bundle_file,
+        source.workload_api,
+        endpoint,
+        endpoint_profile=profile,
+        endpoint_ca_file=ca_file,
+        endpoint_spiffe_id=spiffe_id,
+        bootstrap_bundle_file=bootstrap,
+        max_staleness=max_staleness,
+        cache_file=cache_file,
+    )
+
+
+def _endpoint_spiffe_id(entry: _Section, text: str | None, trust_domain: TrustDomain) -> SpiffeId:
+    """``endpoint_spiffe_id`` (§5.2.2.2): the leaf X.509-SVID's SPIFFE ID the endpoint must present."""
+    key = entry.key("endpoint_spiffe_id")
+    if text is None:
+        entry.fail(
+            entry.path,
+            "needs endpoint_spiffe_id (the endpoint's SPIFFE ID) with endpoint_profile: https_spiffe",
+        )
+    try:
+        spiffe_id = SpiffeId.parse(text or "")
+    except SpiffeIdError as e:
+        entry.fail(key, f"is not a SPIFFE ID: {e}")
+    if not spiffe_id.path:
+        entry.fail(key, "must name a workload (have a path): the endpoint presents a leaf X.509-SVID")
+    if not spiffe_id.member_of(trust_domain):
+        entry.fail(
+            key,
+            f"must be in trust domain {trust_domain}: only self-serving bundle endpoints are supported "
+            "(authenticated with the bundle they serve)",
+        )
+    return spiffe_id
 
 
 def _catalog(top: _Section, default_max_ttl: int) -> Catalog:

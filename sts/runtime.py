@@ -9,19 +9,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from sts.admin import Admin
 from sts.audit import AuditLog
 from sts.binding import DpopVerifier
 from sts.callers import CallerAuthenticator
-from sts.config import Settings
+from sts.config import Settings, store_settings
 from sts.errors import ConfigError, TemporarilyUnavailable
 from sts.exchange import TokenExchange
 from sts.introspection import Introspection
 from sts.keys import KeyRing
 from sts.policy import CedarPolicy
 from sts.refusal_limit import RefusalLimiter
-from sts.store import Store, StoreUnavailable
+from sts.store import RedisOptions, Store, StoreUnavailable
 from sts.store.factory import open_store
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
 from sts.tasks import TaskService
@@ -59,15 +60,29 @@ class Services:
         except StoreUnavailable as e:
             log.warning("not ready: state store: %s", e.detail)
             problems.append(f"state store: {e.description}")
+        # A store loss is a warning, not a problem: exchanges are refused (503) meanwhile, but the pods
+        # must stay reachable for the admin's acknowledgement (POST /admin/store-loss/ack).
+        warnings.extend(f"state store: {warning}" for warning in self.store.condition().warnings)
         from_workload_api = {t.trust_domain for t in self.settings.trust_domains if t.workload_api}
         domains: dict[str, dict[str, object]] = {}
         served_configured = 0
         for trust_domain in sorted(self.trust.trust_domains, key=str):
-            source = "workload-api" if trust_domain in from_workload_api else "file"
+            # What the source says about itself: a file's path; a bundle endpoint's URL, profile,
+            # sequence, last refresh, age, poll interval and last error (nothing for workload-api).
+            details = self.trust.describe(trust_domain)
+            source = (
+                "workload-api" if trust_domain in from_workload_api else str(details.pop("source", "file"))
+            )
+            cache_error = details.get("cache_error")
+            if cache_error is not None:
+                warnings.append(
+                    f"trust domain {trust_domain}: the last good bundle is not persisted ({cache_error}): a "
+                    "restart while its bundle endpoint is down loses the trust domain"
+                )
             try:
                 bundle = self.trust.bundle_for(trust_domain)
             except TemporarilyUnavailable:
-                domains[str(trust_domain)] = {"source": source, "available": False}
+                domains[str(trust_domain)] = {"source": source, "available": False, **details}
                 continue  # the trust store reported it
             jwt_keys = len(bundle.jwt_authorities) if bundle else 0
             x509_authorities = len(bundle.x509_authorities) if bundle else 0
@@ -76,6 +91,7 @@ class Services:
                 "available": True,
                 "jwt_authorities": jwt_keys,
                 "x509_authorities": x509_authorities,
+                **details,
             }
             if jwt_keys:
                 served_configured += 1
@@ -101,6 +117,7 @@ class Services:
         self.refusals.close(time.time())
         if self.watcher is not None:
             self.watcher.stop()
+        self.trust.close()  # the bundle-endpoint pollers
         self.store.close()
         self.audit.close()
 
@@ -128,11 +145,18 @@ class Readiness:
 
 
 def build_trust_store(settings: Settings, *, connect: bool) -> tuple[TrustStore, WorkloadApiWatcher | None]:
-    """One source per configured trust domain; Workload API domains share one watcher.
+    """One source per configured trust domain; Workload API domains share one watcher; each bundle
+    endpoint domain polls in a thread of its own (:mod:`sts.bundle_endpoint`).
 
-    ``connect=False`` checks the configuration without opening the Workload API streams: the parent
-    of forked workers must not hold gRPC threads.
+    ``connect=False`` checks the configuration without opening the Workload API streams or polling
+    bundle endpoints (bundle files, CA files and persisted endpoint bundles are read): the parent of
+    forked workers must not hold gRPC or poller threads, and ``sts config check`` connects to nothing.
+    With ``connect=True`` an endpoint domain without a fresh persisted bundle waits (at most the
+    fetch timeout) for its first poll, so a worker that can be ready starts ready.
     """
+    from sts.bundle_endpoint import BundleEndpointSource, source_from_settings
+    from sts.bundle_fetch import FETCH_TIMEOUT_SECONDS
+
     watcher = None
     tls = settings.listen.tls
     wanted = any(entry.workload_api for entry in settings.trust_domains) or (
@@ -140,9 +164,12 @@ def build_trust_store(settings: Settings, *, connect: bool) -> tuple[TrustStore,
     )
     if wanted and settings.workload_api.socket:
         watcher = WorkloadApiWatcher(
-            settings.workload_api.socket, max_staleness=settings.workload_api.max_staleness
+            settings.workload_api.socket,
+            max_staleness=settings.workload_api.max_staleness,
+            server_name=urlsplit(tls.public_url).hostname if tls is not None and tls.cert is None else None,
         )
     sources: list[BundleSource] = []
+    endpoints: list[BundleEndpointSource] = []
     for entry in settings.trust_domains:
         if entry.bundle_file is not None:
             try:
@@ -151,16 +178,83 @@ def build_trust_store(settings: Settings, *, connect: bool) -> tuple[TrustStore,
                 raise ConfigError(f"trust_domains.{entry.trust_domain}.bundle_file: {e}") from e
         elif entry.workload_api and watcher is not None:
             sources.append(WorkloadApiBundleSource(entry.trust_domain, watcher))
+        elif entry.bundle_endpoint is not None:
+            endpoint = source_from_settings(
+                entry, default_max_staleness=settings.workload_api.max_staleness, keys_dir=settings.keys.dir
+            )
+            sources.append(endpoint)
+            endpoints.append(endpoint)
         else:
             raise ConfigError(
-                f"trust_domains.{entry.trust_domain}: bundle endpoints are not available in this version; "
-                "use bundle_file or bundle: workload-api"
+                f"trust_domains.{entry.trust_domain}: bundle: workload-api needs workload_api.socket "
+                "(or SPIFFE_ENDPOINT_SOCKET)"
             )
-    if watcher is not None and connect:
-        watcher.start()
-        if not watcher.wait_first_update(settings.workload_api.start_timeout):
-            log.warning("no trust bundles from the Workload API yet; not ready until they arrive")
+    if connect:
+        if watcher is not None:
+            watcher.start()
+        for endpoint in endpoints:
+            endpoint.start()
+        deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS + 1
+        for endpoint in endpoints:
+            if not endpoint.servable():
+                endpoint.wait_first_attempt(max(0.0, deadline - time.monotonic()))
+            if not endpoint.servable():
+                log.warning(
+                    "no trust bundle for %s from %s yet; not ready until it arrives",
+                    endpoint.trust_domain,
+                    endpoint.url,
+                )
+    if watcher is not None and connect and not watcher.wait_first_update(settings.workload_api.start_timeout):
+        log.warning("no trust bundles from the Workload API yet; not ready until they arrive")
     return TrustStore(sources), watcher
+
+
+def build_store(settings: Settings, audit: AuditLog) -> Store:
+    """The store of ``store.url`` with its ``store.redis`` settings; store losses go to the audit log.
+
+    A Redis store's durability is checked here (it connects once, also in the parent of the workers,
+    which closes it again before they start): without a replica and without ``appendonly yes`` start-up
+    is refused naming ``store.redis.require_durability``, or only warned about when it is false. A Redis
+    that does not answer yet is checked again when it does (its security writes are refused meanwhile).
+    """
+    stored = store_settings(settings)
+    redis = stored.redis
+    for name, path in (
+        ("password_file", redis.password_file),
+        ("sentinel_password_file", redis.sentinel_password_file),
+        ("tls_ca_file", redis.tls_ca_file),
+    ):
+        if path is None:
+            continue
+        try:
+            path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"store.redis.{name}: cannot read {path}: {e.strerror}") from e
+    options = RedisOptions(
+        require_durability=redis.require_durability,
+        wait_timeout=float(redis.wait_timeout),
+        master_name=redis.master_name,
+        username=redis.username,
+        password_file=redis.password_file,
+        sentinel_password_file=redis.sentinel_password_file,
+        tls_ca_file=redis.tls_ca_file,
+    )
+    try:
+        store = open_store(stored.url, redis=options, report=lambda event: audit.record(dict(event)))
+    except ValueError as e:
+        raise ConfigError(f"store.url: {e}") from e
+    except StoreUnavailable as e:
+        raise ConfigError(f"store.url: cannot open the store: {e.detail}") from e
+    problem = store.check_durability()
+    if problem is not None:
+        if redis.require_durability:
+            store.close()
+            raise ConfigError(
+                f"store.redis.require_durability: {problem}; or set store.redis.require_durability: false "
+                "to start anyway"
+            )
+        log.warning("%s (store.redis.require_durability: false: starting anyway)", problem)
+    return store
 
 
 def build_services(settings: Settings, *, connect: bool = True) -> Services:
@@ -175,12 +269,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         audit = AuditLog(settings.audit_path)
     except OSError as e:
         raise ConfigError(f"audit.path: cannot open {settings.audit_path}: {e.strerror}") from e
-    try:
-        store = open_store(settings.store_url)
-    except ValueError as e:
-        raise ConfigError(f"store.url: {e}") from e
-    except StoreUnavailable as e:
-        raise ConfigError(f"store.url: cannot open the store: {e.detail}") from e
+    store = build_store(settings, audit)
     tasks = TaskService(
         store=store,
         catalog=settings.catalog,

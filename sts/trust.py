@@ -2,7 +2,9 @@
 
 Owns :class:`TrustBundle` (one trust domain's JWT and X.509 authorities, built by parsing the
 SPIFFE bundle format, PEM, or a Workload API JWKS), the :class:`BundleSource` seam, the file-backed
-:class:`FileBundleSource`, and :class:`TrustStore`, which keeps the <trust domain, bundle> binding
+:class:`FileBundleSource` (and :func:`load_bundle_file`, the one reader of bundle files, which the
+bundle endpoint source uses for its bootstrap bundle too), and :class:`TrustStore`, which keeps the
+<trust domain, bundle> binding
 (SPIFFE_Workload_API.md §4.6: an SVID is checked only with the bundle of its own trust domain;
 bundles of different trust domains are never merged).
 
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -277,6 +279,44 @@ class BundleSource(Protocol):
         ...
 
 
+@runtime_checkable
+class DescribedSource(Protocol):
+    """A source that can say where its bundle stands, for ``/readyz`` (optional for a source)."""
+
+    def describe(self) -> dict[str, object]:
+        """JSON-ready facts: ``source`` and, where known, ``sequence``, ``last_refresh`` (epoch
+        seconds of the last good load or fetch), ``age_seconds`` and what went wrong last."""
+        ...
+
+
+@runtime_checkable
+class StoppableSource(Protocol):
+    """A source with a background thread of its own (the bundle endpoint), stopped by
+    :meth:`TrustStore.close`."""
+
+    def stop(self) -> None: ...
+
+
+def load_bundle_file(trust_domain: TrustDomain, path: Path) -> TrustBundle:
+    """Parse a bundle file; the format is chosen by content (JSON object → SPIFFE bundle, else PEM).
+
+    The one reader of bundle files: :class:`FileBundleSource` and the bundle endpoint's
+    ``bootstrap_bundle_file``. Raises :class:`BundleError` naming the file.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read bundle file {path}: {e.strerror}") from e
+    try:
+        if data.lstrip().startswith(b"{"):
+            return TrustBundle.from_spiffe_bundle(trust_domain, data)
+        if _PEM_CERTIFICATE in data:
+            return TrustBundle.from_pem(trust_domain, data)
+    except BundleError as e:
+        raise BundleError(f"bundle file {path}: {e}") from e
+    raise BundleError(f"bundle file {path} is neither a SPIFFE bundle (JSON object) nor PEM certificates")
+
+
 class FileBundleSource:
     """A bundle read from a file (SPIFFE bundle JSON or PEM CA certificates), re-read when the file changes.
 
@@ -292,15 +332,18 @@ class FileBundleSource:
         *,
         now: Callable[[], float] = time.monotonic,
         recheck_seconds: float = 5.0,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._trust_domain = trust_domain
         self._path = path
         self._now = now
+        self._wall = wall
         self._recheck_seconds = recheck_seconds
         self._lock = threading.Lock()
         self._stamp = self._file_stamp()
         self._bundle = self._load()
         self._checked_at = now()
+        self._loaded_at = wall()
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -317,6 +360,18 @@ class FileBundleSource:
                 self._refresh()
             return self._bundle
 
+    def describe(self) -> dict[str, object]:
+        """``/readyz``: the file, the bundle's sequence, when it was last (re)loaded and how long ago."""
+        with self._lock:
+            loaded_at, sequence = self._loaded_at, self._bundle.sequence
+        return {
+            "source": "file",
+            "path": str(self._path),
+            "sequence": sequence,
+            "last_refresh": round(loaded_at, 3),
+            "age_seconds": round(max(0.0, self._wall() - loaded_at), 1),
+        }
+
     def _refresh(self) -> None:
         self._checked_at = self._now()
         try:
@@ -332,6 +387,7 @@ class FileBundleSource:
                     bundle.sequence,
                 )
                 self._bundle = bundle
+                self._loaded_at = self._wall()
             return
         # Logged outside the handler: the message is the whole story, a traceback would only add noise.
         logger.error("keeping the last good trust bundle for %s: %s", self._trust_domain, failure)
@@ -354,21 +410,7 @@ class FileBundleSource:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _load(self) -> TrustBundle:
-        """Parse the file; the format is chosen by content (JSON object → SPIFFE bundle, else PEM)."""
-        try:
-            data = self._path.read_bytes()
-        except OSError as e:
-            raise BundleError(f"cannot read bundle file {self._path}: {e.strerror}") from e
-        try:
-            if data.lstrip().startswith(b"{"):
-                return TrustBundle.from_spiffe_bundle(self._trust_domain, data)
-            if _PEM_CERTIFICATE in data:
-                return TrustBundle.from_pem(self._trust_domain, data)
-        except BundleError as e:
-            raise BundleError(f"bundle file {self._path}: {e}") from e
-        raise BundleError(
-            f"bundle file {self._path} is neither a SPIFFE bundle (JSON object) nor PEM certificates"
-        )
+        return load_bundle_file(self._trust_domain, self._path)
 
 
 class TrustStore:
@@ -404,6 +446,19 @@ class TrustStore:
             )
         return bundle
 
+    def describe(self, trust_domain: TrustDomain) -> dict[str, object]:
+        """What the source of ``trust_domain`` says about itself (``{}`` when it says nothing)."""
+        source = self._sources.get(trust_domain)
+        if isinstance(source, DescribedSource):
+            return source.describe()
+        return {}
+
+    def close(self) -> None:
+        """Stop the sources that run a thread of their own (idempotent)."""
+        for source in self._sources.values():
+            if isinstance(source, StoppableSource):
+                source.stop()
+
     def readiness(self) -> list[str]:
         """Problems that keep us from verifying SVIDs right now; an empty list means ready."""
         problems: list[str] = []
@@ -411,5 +466,9 @@ class TrustStore:
             try:
                 source.current()
             except TemporarilyUnavailable as e:
-                problems.append(f"trust bundle for {trust_domain} is unavailable: {e.description}")
+                problem = f"trust bundle for {trust_domain} is unavailable: {e.description}"
+                last_error = self.describe(trust_domain).get("last_error")
+                if last_error:
+                    problem += f" (last error: {last_error})"
+                problems.append(problem)
         return problems

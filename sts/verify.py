@@ -20,8 +20,28 @@ this order (RFC 9068 §4, RFC 8725 §3.1, RFC 9449 §7, RFC 8705 §3, RFC 7662):
 
 Failures are :class:`InvalidAccessToken` (RFC 6750 ``invalid_token``, 401), :class:`DpopProofRefused`
 (RFC 9449 ``invalid_dpop_proof``, 401), :class:`InsufficientScope` (403) or
-:class:`~sts.errors.TemporarilyUnavailable` (503); each knows its ``WWW-Authenticate`` challenge.
-:meth:`TokenVerifier.require_token` is the Flask decorator that renders them.
+:class:`~sts.errors.TemporarilyUnavailable` (503); each knows its ``WWW-Authenticate`` challenge, and
+:meth:`TokenVerifier.refusal` turns any of them into a framework-free HTTP answer (:class:`Refusal`).
+:meth:`TokenVerifier.require_token` is the Flask decorator that renders them (Flask is the ``flask``
+extra, imported only when a Flask helper is used); :mod:`sts.asgi_verifier` does the same for
+Starlette and FastAPI, :mod:`sts.mcp_verifier` for the MCP SDK.
+
+**Protected resource metadata** (RFC 9728). A verifier given ``resource=`` (this service's catalog
+URI, the RFC 8707 resource its clients ask the STS for) describes itself:
+:meth:`TokenVerifier.resource_metadata` is the document (``resource``, ``authorization_servers`` = the
+issuer, ``scopes_supported``, ``bearer_methods_supported``, ``dpop_signing_alg_values_supported``,
+``dpop_bound_access_tokens_required``), served at :attr:`TokenVerifier.resource_metadata_path`
+(``/.well-known/oauth-protected-resource`` + the resource's path, RFC 9728 §3.1) by
+:meth:`TokenVerifier.init_app` (Flask) and :mod:`sts.asgi_verifier`; every 401 and 403 challenge then
+carries ``resource_metadata="<its URL>"`` (RFC 9728 §5.1), so a client that knows nothing but the
+service's URL finds our issuer. ``require_dpop=True`` refuses every token that is not DPoP-bound
+(rule ``unbound``) and says so in the metadata (``dpop_bound_access_tokens_required``) and the
+challenges (``DPoP`` only).
+
+**Several replicas**: DPoP proofs are single-use (RFC 9449 §11.1). The default :class:`ReplayCache`
+remembers them in this process; replicas behind one load balancer share :class:`RedisReplayCache`
+(``replay=RedisReplayCache("redis://…").use_once``; the ``redis`` extra), so a proof accepted by one
+replica is refused by all.
 
 Every refusal names the rule that failed: :attr:`InvalidAccessToken.rule`, repeated at the end of its
 description, so that ``str(error)``, the challenge's and the body's ``error_description`` and the log
@@ -56,14 +76,18 @@ RFC 6750 §3 characters (printable ASCII without ``"`` and ``\\``). A request wi
                     request (``htm``, ``htu``, ``iat``, ``ath``; RFC 9449 §4.3, §7.1)
 ``dpop_key``        the DPoP proof is sound but made with another key than ``cnf.jkt``
 ``dpop_url``        the verifier was given no request URL, so it cannot check a proof's ``htu``
+``unbound``         this service requires DPoP-bound tokens (``require_dpop=True``) and this one is not
 ``revoked``         the STS answers that the token is not active (revoked, or not for this server; RFC 7662)
 ``scope``           a good token without the scope the endpoint needs (``insufficient_scope``, 403)
 ``missing``         no token at all (:class:`MissingToken`: the challenge carries no error code)
 
 The warm path (keys and introspection cached) decodes the header once, verifies the signature with a
-key parsed once, and does no I/O. Time is injectable (``clock``, ``now``).
+key parsed once, and does no I/O. Time is injectable (``clock``, ``now``). In an event loop use
+:meth:`TokenVerifier.averify_request`: the checks (and any key-set refresh, introspection or replay
+store call they need) run in a worker thread, never on the loop.
 
-Must not import the server side (``sts.exchange``, ``sts.web``, ``sts.keys``).
+Must not import the server side (``sts.exchange``, ``sts.web``, ``sts.keys``), nor Flask or redis at
+module level: ``pip install spiffe-sts`` (no extras) imports this module.
 """
 
 from __future__ import annotations
@@ -71,30 +95,61 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import math
 import os
 import re
 import socket as socketlib
 import ssl
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
+from urllib.parse import urlsplit
 
+import anyio.to_thread
 import requests
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from flask import Response, g, has_request_context, jsonify, request
 
 from sts.binding import DPOP_ALGORITHMS, DpopVerifier, InvalidDpopProof, certificate_thumbprint
 from sts.client import CachedJwtSvid, SvidSource, WorkloadApiSvids
 from sts.errors import ConfigError, StsError, TemporarilyUnavailable
 from sts.logsafe import escape
 from sts.strict_json import JsonError, b64url_decode, loads, numeric_date
+
+if TYPE_CHECKING:  # the flask extra; imported at run time only by the Flask helpers
+    from flask import Flask, Response
+
+__all__ = [
+    "NOT_OURS",
+    "RESOURCE_METADATA_PATH",
+    "RULES",
+    "DpopProofRefused",
+    "InsufficientScope",
+    "Introspection",
+    "InvalidAccessToken",
+    "MissingToken",
+    "RedisReplayCache",
+    "Refusal",
+    "ReplayCache",
+    "RevocationCheck",
+    "TokenVerifier",
+    "VerifiedToken",
+    "WorkloadApiUnavailable",
+    "challenge",
+    "challenge_text",
+    "client_certificate",
+    "current_token",
+    "error_response",
+    "refusal",
+    "resource_metadata_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +180,12 @@ RULES: Mapping[str, str] = {  # rule -> when it refuses; the module docstring sa
     "dpop_proof": "the DPoP proof is missing, malformed, replayed or does not fit the request",
     "dpop_key": "the DPoP proof is made with another key than cnf jkt",
     "dpop_url": "no request URL to check the DPoP proof's htu against",
+    "unbound": "this service requires DPoP-bound tokens and this one is not",
     "revoked": "the STS answers that the token is not active",
     "scope": "the token lacks the scope the endpoint needs",
     "missing": "no token at all",
 }
+RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"  # RFC 9728 §3
 SHOWN_CHARS = 80  # at most this much of a caller's value goes into a detail (the log line)
 # RFC 6750 §3: error_description is %x20-21 / %x23-5B / %x5D-7E; anything else in a parameter goes.
 _NOT_CHALLENGE_TEXT = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
@@ -231,6 +288,66 @@ def challenge(scheme: str, parameters: Mapping[str, str]) -> str:
     return f"{scheme} {rendered}".rstrip()
 
 
+def resource_metadata_path(resource: str) -> str:
+    """RFC 9728 §3.1: ``/.well-known/oauth-protected-resource`` + the resource's path (none for ``/``)."""
+    path = urlsplit(resource).path
+    return RESOURCE_METADATA_PATH + ("" if path in ("", "/") else path)
+
+
+def _checked_resource(resource: str) -> str:
+    """A resource identifier (RFC 9728 §1.2, RFC 8707 §2): an absolute http(s) URL without fragment."""
+    parts = urlsplit(resource)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.fragment or "#" in resource:
+        raise ValueError(
+            "resource must be this service's catalog URI: an absolute https URL without a fragment "
+            f"(RFC 8707 section 2), not {resource!r}"
+        )
+    return resource
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refused request as an HTTP answer, for any framework: status, header fields, JSON body.
+
+    ``headers`` may hold ``WWW-Authenticate`` twice (no token at all: one challenge per scheme,
+    RFC 6750 §3.1, RFC 9449 §7.1); send each pair as its own field.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: Mapping[str, str]
+
+
+def refusal(
+    error: StsError,
+    *,
+    resource_metadata: str | None = None,
+    dpop_only: bool = False,
+) -> Refusal:
+    """The answer to ``error``: its status, challenge(s) and RFC 6750 §3 / RFC 6749 §5.2 JSON body.
+
+    ``resource_metadata``: this service's RFC 9728 metadata URL, added to every challenge (§5.1).
+    ``dpop_only``: the service takes DPoP-bound tokens only, so every challenge is ``DPoP``.
+    An error that is not about the token (503: keys or introspection unreachable) keeps its own
+    headers (``Retry-After``). Every answer is ``Cache-Control: no-store``.
+    """
+    extra = {"resource_metadata": resource_metadata} if resource_metadata else {}
+    headers: list[tuple[str, str]] = []
+    if isinstance(error, MissingToken):
+        body: dict[str, str] = {"error": "invalid_token", "error_description": error.description}
+        schemes = ("DPoP",) if dpop_only else ("Bearer", "DPoP")
+        headers.extend(("WWW-Authenticate", challenge(scheme, extra)) for scheme in schemes)
+    elif isinstance(error, InvalidAccessToken):
+        body = error.to_json()
+        scheme = "DPoP" if dpop_only else error.scheme
+        headers.append(("WWW-Authenticate", challenge(scheme, error.challenge_parameters() | extra)))
+    else:
+        body = error.to_json()
+        headers.extend(error.headers().items())
+    headers.append(("Cache-Control", "no-store"))
+    return Refusal(error.status, tuple(headers), body)
+
+
 def _shown(value: object) -> str:
     """A value the caller chose, for a detail (the log): quoted, at most SHOWN_CHARS, escaped."""
     text = value if isinstance(value, str) else repr(value)
@@ -285,6 +402,7 @@ class Introspection:
         endpoint: str,
         bearer: Callable[[], str],
         *,
+        renew_bearer: Callable[[], None] | None = None,
         session: requests.Session | None = None,
         cache_seconds: float = 5.0,
         unreachable_grace: float = 30.0,
@@ -296,6 +414,7 @@ class Introspection:
         self._retry_after_failure = retry_after_failure
         self._down_until = float("-inf")
         self._bearer = bearer
+        self._renew_bearer = renew_bearer
         self._session = session if session is not None else requests.Session()
         self._cache_seconds = cache_seconds
         self._grace = unreachable_grace
@@ -354,18 +473,12 @@ class Introspection:
             raise
 
     def _call(self, token: str, jti: str) -> bool:
-        try:
-            response = self._session.post(
-                self._endpoint,
-                data={"token": token, "token_type_hint": "access_token"},
-                headers={"Authorization": f"Bearer {self._bearer()}"},
-                timeout=self._timeout,
-                allow_redirects=False,
-            )
-        except requests.RequestException as e:
-            raise TemporarilyUnavailable(
-                "the STS cannot be reached to check revocation", detail=str(e)
-            ) from e
+        response = self._post(token)
+        if response.status_code == 401 and self._renew_bearer is not None:
+            # Our own JWT-SVID refused (e.g. its key was revoked in a rotation): ask the agent for the
+            # current one and try once more.
+            self._renew_bearer()
+            response = self._post(token)
         if response.status_code != 200:
             # Our own credentials refused, or the STS down: either way we cannot know; fail closed.
             raise TemporarilyUnavailable(
@@ -378,6 +491,20 @@ class Introspection:
             raise TemporarilyUnavailable("the STS did not answer the revocation check") from e
         # An active answer must be about this very token (RFC 7662 §2.2 repeats its claims).
         return isinstance(body, dict) and body.get("active") is True and body.get("jti") == jti
+
+    def _post(self, token: str) -> requests.Response:
+        try:
+            return self._session.post(
+                self._endpoint,
+                data={"token": token, "token_type_hint": "access_token"},
+                headers={"Authorization": f"Bearer {self._bearer()}"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as e:
+            raise TemporarilyUnavailable(
+                "the STS cannot be reached to check revocation", detail=str(e)
+            ) from e
 
     def _prune(self, now: float) -> None:
         for jti in [j for j, a in self._answers.items() if a.expires_at < now]:
@@ -411,6 +538,60 @@ class ReplayCache:
             return True
 
 
+class _SetNx(Protocol):
+    """What :class:`RedisReplayCache` needs of a Redis client (``redis.Redis`` has it)."""
+
+    def set(self, name: str, value: bytes, *, ex: int | None = None, nx: bool = False) -> Any: ...
+
+
+class RedisReplayCache:
+    """Single use of DPoP proof ``jti`` values across every replica of a resource server, in Redis.
+
+    Each proof key is written with ``SET key 1 NX EX <seconds>`` (RFC 9449 §11.1): the first replica to
+    see a proof wins, every other sees it replayed, and Redis forgets it when the proof could no longer
+    pass the ``iat`` window anyway. ``redis``: a URL (``redis://host:6379/0``, ``rediss://`` for TLS) or
+    a client of the ``redis`` package (the ``redis`` extra: ``pip install 'spiffe-sts[redis]'``).
+    When Redis cannot answer the proof is refused with
+    :class:`~sts.errors.TemporarilyUnavailable` (503): fail closed, never "not seen".
+
+        verifier = TokenVerifier(..., replay=RedisReplayCache("redis://redis:6379/0").use_once)
+    """
+
+    def __init__(
+        self,
+        redis: str | _SetNx,
+        *,
+        prefix: str = "sts:dpop:",
+        timeout: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(redis, str):
+            try:
+                import redis as redis_package
+            except ModuleNotFoundError as e:
+                raise ModuleNotFoundError(
+                    "RedisReplayCache needs the redis package: pip install 'spiffe-sts[redis]'", name="redis"
+                ) from e
+            client: _SetNx = redis_package.Redis.from_url(
+                redis, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        else:
+            client = redis
+        self._redis = client
+        self._prefix = prefix
+        self._clock = clock
+
+    def use_once(self, key: str, expires_at: int) -> bool:
+        seconds = max(1, math.ceil(expires_at - self._clock()))
+        try:
+            first = self._redis.set(f"{self._prefix}{key}", b"1", ex=seconds, nx=True)
+        except Exception as e:  # redis.RedisError, OSError: the store cannot say, so refuse
+            raise TemporarilyUnavailable(
+                "the DPoP replay store cannot be reached", detail=f"{type(e).__name__}: {e}"
+            ) from e
+        return bool(first)
+
+
 @dataclass(frozen=True, slots=True)
 class _KeySet:
     keys: Mapping[str, ec.EllipticCurvePublicKey]
@@ -433,8 +614,14 @@ class TokenVerifier:
     (a :class:`~sts.errors.ConfigError`) naming the socket tried and where it came from (``socket=``
     or ``SPIFFE_ENDPOINT_SOCKET``). A verifier given ``svids`` or ``revocation`` asks nothing then.
 
+    ``resource``: this service's catalog URI (the catalog entry's ``resource``, what clients send as
+    RFC 8707 ``resource``); with it the verifier serves RFC 9728 metadata (:meth:`resource_metadata`)
+    and every challenge names it. ``scopes``: the scopes to advertise there (the catalog entry's).
+    ``require_dpop``: accept DPoP-bound tokens only (rule ``unbound``), and say so.
+
     Every refusal is logged once, at INFO on ``sts.verify``, naming its rule (see the module
-    docstring) with the detail, and the request's method and path inside a Flask request.
+    docstring) with the detail, and the request's method and path when the verifier was given them
+    (:meth:`verify_request`, or inside a Flask request).
     """
 
     def __init__(
@@ -456,12 +643,18 @@ class TokenVerifier:
         replay: Callable[[str, int], bool] | None = None,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        resource: str | None = None,
+        scopes: Iterable[str] = (),
+        require_dpop: bool = False,
     ) -> None:
         if token_class not in TOKEN_CLASSES:
             raise ValueError(f"token_class must be one of {', '.join(sorted(TOKEN_CLASSES))}")
         self.issuer = issuer.rstrip("/")
         self.audience = audience
         self.token_class = token_class
+        self.resource = _checked_resource(resource) if resource is not None else None
+        self.scopes = frozenset(scopes.split() if isinstance(scopes, str) else scopes)
+        self.require_dpop = require_dpop
         self._kid_prefix = f"{token_class}-"
         self._session = session if session is not None else requests.Session()
         self._leeway = leeway
@@ -486,6 +679,7 @@ class TokenVerifier:
             revocation = Introspection(
                 f"{self.issuer}/introspect",
                 bearer.get,
+                renew_bearer=bearer.invalidate,
                 session=self._session,
                 cache_seconds=introspection_cache_seconds,
                 unreachable_grace=introspection_unreachable_grace,
@@ -497,6 +691,45 @@ class TokenVerifier:
     def without_revocation_check(cls, **settings: Any) -> TokenVerifier:
         """A verifier that never asks whether a token was revoked: revoked tokens pass until ``exp``."""
         return cls(revocation=_NoRevocationCheck(), **settings)
+
+    # --- RFC 9728 protected resource metadata ---------------------------------------------------
+
+    @property
+    def resource_metadata_path(self) -> str | None:
+        """Where this service's metadata is served (RFC 9728 §3.1); None without ``resource``."""
+        return resource_metadata_path(self.resource) if self.resource is not None else None
+
+    @property
+    def resource_metadata_url(self) -> str | None:
+        """The absolute metadata URL the challenges name (``resource_metadata``, RFC 9728 §5.1)."""
+        if self.resource is None:
+            return None
+        parts = urlsplit(self.resource)
+        return f"{parts.scheme}://{parts.netloc}{resource_metadata_path(self.resource)}"
+
+    def resource_metadata(self) -> dict[str, Any]:
+        """RFC 9728 §2: this service's metadata document (needs ``resource``).
+
+        ``authorization_servers`` is the issuer alone: a client learns from it where to exchange its
+        identity for a token of this service (RFC 8693 with ``resource=`` this document's
+        ``resource``), and nothing else issues tokens this verifier accepts.
+        """
+        if self.resource is None:
+            raise ValueError("resource metadata needs TokenVerifier(resource=<this service's catalog URI>)")
+        document: dict[str, Any] = {
+            "resource": self.resource,
+            "authorization_servers": [self.issuer],
+            "bearer_methods_supported": ["header"],
+            "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
+            "dpop_bound_access_tokens_required": self.require_dpop,
+        }
+        if self.scopes:
+            document["scopes_supported"] = sorted(self.scopes)
+        return document
+
+    def refusal(self, error: StsError) -> Refusal:
+        """:func:`refusal` with this service's metadata URL and DPoP requirement in the challenges."""
+        return refusal(error, resource_metadata=self.resource_metadata_url, dpop_only=self.require_dpop)
 
     # --- the checks -----------------------------------------------------------------------------
 
@@ -530,6 +763,35 @@ class TokenVerifier:
         except InvalidAccessToken as e:
             _log_refusal(e)
             raise
+
+    async def averify(self, token: str, **options: Any) -> VerifiedToken:
+        """:meth:`verify` in a worker thread (``anyio.to_thread``): for event loops, which must never
+        wait on the key-set fetch, introspection or replay store a check may need."""
+        return await anyio.to_thread.run_sync(functools.partial(self.verify, token, **options))
+
+    async def averify_request(
+        self,
+        *,
+        authorization: str | None,
+        dpop: Sequence[str] = (),
+        method: str,
+        url: str,
+        client_certificate: x509.Certificate | None = None,
+        scope: str | Iterable[str] = (),
+        now: float | None = None,
+    ) -> VerifiedToken:
+        """:meth:`verify_request` in a worker thread (``anyio.to_thread``), never on the event loop."""
+        check = functools.partial(
+            self.verify_request,
+            authorization=authorization,
+            dpop=tuple(dpop),
+            method=method,
+            url=url,
+            client_certificate=client_certificate,
+            scope=scope,
+            now=now,
+        )
+        return await anyio.to_thread.run_sync(check)
 
     def _verify(
         self,
@@ -566,12 +828,7 @@ class TokenVerifier:
         granted = frozenset(claims["scope"].split())
         required = frozenset(scope.split() if isinstance(scope, str) else scope)
         if not required <= granted:
-            raise InsufficientScope(
-                required,
-                scheme=presented_as,
-                detail=f"granted scope {_shown(' '.join(sorted(granted)))}, "
-                f"missing {' '.join(sorted(required - granted))!r}",
-            )
+            raise _insufficient(granted, required, presented_as)
         task_id = claims.get("task_id")
         return VerifiedToken(
             token=token,
@@ -623,8 +880,26 @@ class TokenVerifier:
                 now=now,
             )
         except InvalidAccessToken as e:
-            _log_refusal(e)
+            _log_refusal(e, where=f" [{method.upper()} {escape(urlsplit(url).path or '/')}]")
             raise
+
+    def check_scope(
+        self,
+        token: VerifiedToken,
+        scope: str | Iterable[str],
+        *,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        """Raise :class:`InsufficientScope` (logged, rule ``scope``) unless ``token`` has every scope of
+        ``scope``: for a route that needs more than the check that verified the token asked for."""
+        required = frozenset(scope.split() if isinstance(scope, str) else scope)
+        if required <= token.scopes:
+            return
+        error = _insufficient(token.scopes, required, "DPoP" if "dpop" in token.binding else "Bearer")
+        where = None if method is None or url is None else f" [{method.upper()} {escape(urlsplit(url).path)}]"
+        _log_refusal(error, where=where)
+        raise error
 
     def _claims(self, token: str, scheme: str, now: float) -> dict[str, Any]:
         """Steps 1 to 3: header, signature, then the claims (parsed only once the signature holds)."""
@@ -805,6 +1080,13 @@ class TokenVerifier:
     ) -> str:
         """Step 4: RFC 9449 §7.1 (``jkt``) and RFC 8705 §3 (``x5t#S256``); each ``cnf`` member must hold."""
         cnf = claims.get("cnf")
+        if self.require_dpop and not (isinstance(cnf, dict) and "jkt" in cnf):
+            raise InvalidAccessToken(
+                "unbound",
+                "this service accepts DPoP-bound access tokens only",
+                scheme="DPoP",
+                detail=f"cnf {_shown(cnf)}, presented as {scheme}" if cnf is not None else "no cnf",
+            )
         if cnf is None:
             if scheme == "DPoP":
                 raise InvalidAccessToken(
@@ -954,7 +1236,7 @@ class TokenVerifier:
             raise TemporarilyUnavailable("the STS's keys cannot be fetched", detail=f"{url}: not an object")
         return body
 
-    # --- Flask ----------------------------------------------------------------------------------
+    # --- Flask (the flask extra: imported here, not by the module) --------------------------------
 
     def require_token(
         self,
@@ -965,8 +1247,11 @@ class TokenVerifier:
         """Flask decorator: the view runs only with a verified token (``current_token()``), else RFC 6750.
 
         ``public_base_url``: the scheme and host clients use, when a proxy stands in front (DPoP's
-        ``htu`` is checked against it and the request path).
+        ``htu`` is checked against it and the request path). With ``resource=`` the challenges name
+        this service's metadata (serve it with :meth:`init_app`).
         """
+        from flask import g, request
+
         required = frozenset(scope.split() if isinstance(scope, str) else scope)
 
         def decorator(view: Callable[_P, _R]) -> Callable[_P, _R | Response]:
@@ -983,17 +1268,52 @@ class TokenVerifier:
                         scope=required,
                     )
                 except StsError as e:
-                    return error_response(e)
+                    return _flask_answer(e, self.refusal(e))
                 return view(*args, **kwargs)
 
             return guarded
 
         return decorator
 
+    def init_app(self, app: Flask) -> None:
+        """Serve this service's RFC 9728 metadata on ``app`` (GET :attr:`resource_metadata_path`).
+
+        Needs ``resource=``. The document is public and the same for everyone: any origin may read it
+        (``Access-Control-Allow-Origin: *``), caches may keep it for five minutes.
+        """
+        from flask import jsonify
+
+        path = self.resource_metadata_path
+        if path is None:
+            raise ValueError("init_app needs TokenVerifier(resource=<this service's catalog URI>)")
+        document = self.resource_metadata()
+
+        def protected_resource_metadata() -> Response:
+            response = jsonify(document)
+            response.headers["Cache-Control"] = "public, max-age=300"
+            response.headers["Access-Control-Allow-Origin"] = "*"
+            return response
+
+        app.add_url_rule(
+            path,
+            endpoint=f"sts_protected_resource_metadata:{path}",
+            view_func=protected_resource_metadata,
+            methods=["GET"],
+        )
+
 
 class _NoRevocationCheck:
     def active(self, token: str, claims: Mapping[str, Any], now: float) -> bool:
         return True
+
+
+def _insufficient(granted: frozenset[str], required: frozenset[str], scheme: str) -> InsufficientScope:
+    return InsufficientScope(
+        required,
+        scheme=scheme,
+        detail=f"granted scope {_shown(' '.join(sorted(granted)))}, "
+        f"missing {' '.join(sorted(required - granted))!r}",
+    )
 
 
 def _proof_reason(error: InvalidDpopProof) -> str:
@@ -1005,17 +1325,25 @@ def _proof_reason(error: InvalidDpopProof) -> str:
     return error.description
 
 
-def _log_refusal(error: InvalidAccessToken) -> None:
-    """The one log line of a refusal: its rule, what the token held, and where (inside Flask)."""
-    where = f" [{request.method} {escape(request.path)}]" if has_request_context() else ""
+def _log_refusal(error: InvalidAccessToken, *, where: str | None = None) -> None:
+    """The one log line of a refusal: its rule, what the token held, and where (`` [GET /path]``:
+    given by :meth:`TokenVerifier.verify_request`, else the Flask request this runs in, if any)."""
     log.info(
         "access token refused (rule: %s)%s: %s; %s %s",
         error.rule,
-        where,
+        _flask_request_line() if where is None else where,
         error.detail or error.reason,
         error.status,
         error.error,
     )
+
+
+def _flask_request_line() -> str:
+    """`` [METHOD /path]`` of the Flask request being handled; empty outside one (or without Flask)."""
+    flask = sys.modules.get("flask")  # never imported here: only an application that uses Flask has it
+    if flask is None or not flask.has_request_context():
+        return ""
+    return f" [{flask.request.method} {escape(flask.request.path)}]"
 
 
 def _first_jwt_svid(
@@ -1085,17 +1413,26 @@ def _socket_problem(address: str, timeout: float) -> str | None:
 
 
 def current_token() -> VerifiedToken:
-    """The token :meth:`TokenVerifier.require_token` verified for this request."""
+    """The token :meth:`TokenVerifier.require_token` verified for this (Flask) request."""
+    from flask import g
+
     token: VerifiedToken = g.sts_token
     return token
 
 
 def error_response(error: StsError) -> Response:
-    """The RFC 6750 §3 answer: JSON error body and challenge(s); no token at all gets both schemes.
+    """The RFC 6750 §3 answer in Flask: JSON error body and challenge(s); no token at all gets both schemes.
 
     An :class:`InvalidAccessToken` was logged by the verifier already (with its rule); other errors
-    (a 503: keys or introspection unreachable) are logged here.
+    (a 503: keys or introspection unreachable) are logged here. :meth:`TokenVerifier.require_token`
+    answers with the verifier's own :meth:`~TokenVerifier.refusal` (its metadata URL in the challenges).
     """
+    return _flask_answer(error, refusal(error))
+
+
+def _flask_answer(error: StsError, answer: Refusal) -> Response:
+    from flask import jsonify, request
+
     if not isinstance(error, InvalidAccessToken):
         log.info(
             "refused %s %s: %s %s",
@@ -1104,19 +1441,10 @@ def error_response(error: StsError) -> Response:
             error.error,
             escape(error.detail or error.description),
         )
-    if isinstance(error, MissingToken):
-        body: dict[str, str] = {"error": "invalid_token", "error_description": error.description}
-    else:
-        body = error.to_json()
-    response = jsonify(body)
-    response.status_code = error.status
-    if isinstance(error, MissingToken):
-        response.headers.add("WWW-Authenticate", "Bearer")
-        response.headers.add("WWW-Authenticate", challenge("DPoP", {}))
-    else:
-        for name, value in error.headers().items():
-            response.headers[name] = value
-    response.headers["Cache-Control"] = "no-store"
+    response = jsonify(dict(answer.body))
+    response.status_code = answer.status
+    for name, value in answer.headers:
+        response.headers.add(name, value)
     return response
 
 

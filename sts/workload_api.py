@@ -89,10 +89,14 @@ class WorkloadApiWatcher:
         socket: str,
         *,
         max_staleness: float,
+        server_name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.socket = socket
         self.max_staleness = max_staleness
+        # The TLS listener's host name: when this process matches several entries, the SVID that names
+        # it (DNS SAN) is the server certificate, not merely the first entry's (SPIRE's "default").
+        self.server_name = server_name.lower() if server_name else None
         self._clock = clock
         self._lock = threading.Lock()
         self._first_jwt_update = threading.Event()
@@ -263,13 +267,31 @@ class WorkloadApiWatcher:
                 authorities[trust_domain] = tuple(bundle.x509_authorities)
         with self._lock:
             self._x509 = authorities
+            chosen = self._server_svid(context)
             self._own_svid = OwnSvid(
                 version=self._own_svid.version + 1 if self._own_svid else 1,
-                chain=tuple(context.default_svid.cert_chain),
-                private_key=context.default_svid.private_key,
+                chain=tuple(chosen.cert_chain),
+                private_key=chosen.private_key,
             )
             self._rebuild()
             self._delivered("x509")
+
+    def _server_svid(self, context: X509Context) -> Any:
+        """The SVID whose DNS names include :attr:`server_name`, else the default (first) one."""
+        if self.server_name is not None:
+            for svid in context.x509_svids:
+                try:
+                    names = svid.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                except x509.ExtensionNotFound:
+                    continue
+                if self.server_name in (n.lower() for n in names.get_values_for_type(x509.DNSName)):
+                    return svid
+            log.warning(
+                "no X.509-SVID of this process names %s (DNS SAN); serving TLS with %s",
+                self.server_name,
+                context.default_svid.spiffe_id,
+            )
+        return context.default_svid
 
     def own_svid(self) -> OwnSvid | None:
         """This server's own X.509-SVID (its TLS certificate), the newest the stream delivered."""

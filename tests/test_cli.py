@@ -147,7 +147,7 @@ def test_version_names_the_installed_distribution(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out == f"sts {importlib.metadata.version('sts')}\n"
+    assert capsys.readouterr().out == f"sts {importlib.metadata.version('spiffe-sts')}\n"
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

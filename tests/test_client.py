@@ -235,6 +235,33 @@ def test_refusal_for_a_task_drops_all_its_cached_tokens(sts_dev: Dev) -> None:
             agent.token(audience=TOOL, scope="invoke", task_id=task_id)
 
 
+def test_a_known_task_deadline_ends_its_cached_tokens(sts_dev: Dev) -> None:
+    """Noted from the task (GET /tasks/{id} as the assignee): past it, no cached token of the task."""
+    now = [time.time()]
+    calls = RequestLog()
+    task_id = sts_dev.new_task(ttl_seconds=120)
+    with sts_dev.client(session=calls.session(), clock=lambda: now[0]) as agent:
+        first = agent.token(audience=TOOL, scope="invoke", task_id=task_id)
+        task = agent.task(task_id)
+        assert task["status"] == "active"
+        assert agent.token(audience=TOOL, scope="invoke", task_id=task_id) is first
+        now[0] = task["expires_at"] + 1  # the client's clock only: the STS still has the task active
+        assert agent.token(audience=TOOL, scope="invoke", task_id=task_id) is not first  # exchanged anew
+        assert calls.count("/token") == 2
+
+
+def test_reading_an_ended_task_drops_its_tokens(sts_dev: Dev) -> None:
+    task_id = sts_dev.new_task()
+    calls = RequestLog()
+    with sts_dev.client(session=calls.session()) as agent, sts_dev.client("orchestrator") as orchestrator:
+        agent.token(audience=TOOL, scope="invoke", task_id=task_id)
+        orchestrator.complete_task(task_id)
+        assert agent.task(task_id)["status"] == "completed"
+        with pytest.raises(InvalidRequest, match="completed"):
+            agent.token(audience=TOOL, scope="invoke", task_id=task_id)
+        assert calls.count("/token") == 2
+
+
 def test_end_task_during_an_exchange_keeps_the_result_out_of_the_cache(sts_dev: Dev) -> None:
     task_id = sts_dev.new_task()
     calls = RequestLog()

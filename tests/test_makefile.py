@@ -1,4 +1,4 @@
-"""The README's two commands: ``make run`` installs only what running needs and follows ``PORT``;
+"""The README's two commands: ``make run`` installs only what running needs (the server extra) and follows ``PORT``;
 ``make test`` installs everything the tests need (the dev extra, redis-server, the npm clients) and
 refuses a Python that is too old. Checked with ``make -n -B`` (what make would run, from scratch)."""
 
@@ -23,7 +23,7 @@ def dry_run(*arguments: str) -> str:
 
 def test_make_run_installs_the_package_only_and_follows_the_port() -> None:
     commands = dry_run("run", "PORT=9443")
-    assert "pip install --quiet -e ." in commands
+    assert "pip install --quiet -e '.[server]'" in commands
     assert ".[dev]" not in commands and "npm" not in commands
     assert commands.strip().endswith("sts dev --state-dir state/dev --port 9443")
 

@@ -71,7 +71,9 @@ def test_sqlite_state_survives_a_restart(
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
+    # A Redis with a persistent volume (AOF kept across restarts): coming back, it has its data and
+    # the STS's store epoch, so service resumes. An empty Redis is a store loss (tests/test_store_durability*).
+    with RedisServer(tmp_path / "redis", keep_data=True) as server:
         yield server
 
 

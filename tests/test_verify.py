@@ -507,3 +507,66 @@ def test_flask_insufficient_scope(sts_dev: Dev, agent: TokenClient) -> None:
     assert response.headers["WWW-Authenticate"].startswith('Bearer error="insufficient_scope"')
     assert 'scope="write"' in response.headers["WWW-Authenticate"]
     assert error_description(response.headers["WWW-Authenticate"]).endswith("(rule: scope)")
+
+
+# --- several replicas: the DPoP replay cache in Redis ------------------------------------------------
+
+
+def test_replicas_sharing_a_redis_replay_cache_refuse_a_proof_used_at_another(
+    sts_dev: Dev, agent: TokenClient, tmp_path: Path
+) -> None:
+    """Two replicas of one resource server share ``RedisReplayCache`` (a real redis-server): a proof
+    accepted by one is replayed at the other and refused there; without Redis a proof is a 503."""
+    from sts.verify import RedisReplayCache
+    from tests.redis_server import RedisServer
+
+    url = "https://search.internal/search"
+    with RedisServer(tmp_path / "redis") as redis:
+        replicas = [sts_dev.verifier(TOOL, "tool", replay=RedisReplayCache(redis.url).use_once) for _ in range(2)]
+        token = agent.token(audience=TOOL, scope="invoke", dpop=(key := DpopKey.generate()))
+        headers = token.headers("GET", url)
+        first = replicas[0].verify_request(authorization=headers["Authorization"], dpop=[headers["DPoP"]], method="GET", url=url)
+        assert first.binding == "dpop"
+        with pytest.raises(DpopProofRefused) as replayed:
+            replicas[1].verify_request(authorization=headers["Authorization"], dpop=[headers["DPoP"]], method="GET", url=url)
+        assert replayed.value.rule == "dpop_proof" and "replayed" in (replayed.value.detail or "")
+        fresh = key.proof("GET", url, access_token=token.value)
+        assert replicas[1].verify_request(authorization=headers["Authorization"], dpop=[fresh], method="GET", url=url)
+        redis.stop()
+        with pytest.raises(TemporarilyUnavailable, match="replay store"):
+            replicas[0].verify_request(
+                authorization=headers["Authorization"], dpop=[key.proof("GET", url, access_token=token.value)], method="GET", url=url
+            )
+
+
+def test_flask_serves_the_resource_metadata_and_names_it_in_challenges(sts_dev: Dev, agent: TokenClient) -> None:
+    verifier = sts_dev.verifier(TOOL, "tool", resource="https://search.internal/", scopes=["invoke"])
+    app = Flask("search")
+    verifier.init_app(app)
+
+    @app.get("/search")
+    @verifier.require_token(scope="invoke")
+    def search() -> str:
+        return "found"
+
+    with LoopbackService(app) as service:
+        document = requests.get(f"{service.url}/.well-known/oauth-protected-resource", timeout=5).json()
+        missing = requests.get(f"{service.url}/search", timeout=5)
+        data = agent.token(audience=DATA, scope="read", task_id=sts_dev.new_task(), dpop=DpopKey.generate(), client_assertion=True)
+        wrong_class = requests.get(f"{service.url}/search", headers={"Authorization": f"DPoP {data.value}"}, timeout=5)
+    assert document == {
+        "resource": "https://search.internal/",
+        "authorization_servers": [sts_dev.issuer],
+        "bearer_methods_supported": ["header"],
+        "dpop_signing_alg_values_supported": ["ES256", "EdDSA", "Ed25519"],
+        "dpop_bound_access_tokens_required": False,
+        "scopes_supported": ["invoke"],
+    }
+    metadata = 'resource_metadata="https://search.internal/.well-known/oauth-protected-resource"'
+    assert missing.raw.headers.getlist("WWW-Authenticate") == [
+        f"Bearer {metadata}",
+        f'DPoP {metadata}, algs="ES256 EdDSA Ed25519"',
+    ]
+    assert wrong_class.status_code == 401
+    assert f"{metadata}, algs=" in wrong_class.headers["WWW-Authenticate"]
+    assert error_description(wrong_class.headers["WWW-Authenticate"]).endswith("(rule: key)")

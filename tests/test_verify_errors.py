@@ -213,6 +213,12 @@ def proof_with_hostile_member(value: str) -> str:
     return f"{b64url(header.encode())}.{b64url(b'{}')}.{b64url(b'x' * 64)}"
 
 
+def dpop_only(verifier: TokenVerifier, attempt: Attempt) -> Attempt:
+    """``attempt`` at a service that takes DPoP-bound tokens only (``require_dpop=True``)."""
+    verifier.require_dpop = True
+    return attempt
+
+
 Build = Callable[[TokenVerifier], Attempt]
 
 
@@ -271,6 +277,8 @@ CASES = [
     case("hostile-proof", "dpop_proof", lambda v: dpop(t := bound(), proof_with_hostile_member(t))),
     case("other-key", "dpop_key", lambda v: dpop(t := bound(), DpopKey.generate().proof("GET", URL, access_token=t))),
     case("no-url", "dpop_url", lambda v: dpop(t := bound(), HOLDER.proof("GET", URL, access_token=t), url=None)),
+    case("bearer-at-dpop-only-service", "unbound", lambda v: dpop_only(v, bearer(token()))),
+    case("mtls-bound-at-dpop-only-service", "unbound", lambda v: dpop_only(v, bearer(token({"cnf": {"x5t#S256": certificate_thumbprint(OWN_CERTIFICATE)}}), certificate=OWN_CERTIFICATE))),
     case("revoked", "revoked", lambda v: bearer(token({"jti": REVOKED_JTI}))),
     case("no-admin-scope", "scope", lambda v: bearer(token(), scope="admin")),
 ]

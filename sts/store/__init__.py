@@ -9,15 +9,24 @@ over, or its subject is cut off, and each of those is one small record.
 A backend that cannot answer raises :class:`StoreUnavailable` (``temporarily_unavailable``, 503): the
 callers refuse rather than guess (fail closed).
 
+A shared store can also lose what it held (a flushed, replaced or rolled-back Redis): the Redis backend
+detects that with a store epoch (``sts.store.epoch``) and reports it through :meth:`Store.condition`
+(a :class:`StoreLoss`); while a loss is in force, reads that would prove a kill switch raise
+:class:`StoreLost`, tokens issued before the loss are inactive, and :meth:`Store.acknowledge_loss`
+(an administrator) ends it. The other backends never report a loss.
+
 Imports ``sts.errors`` only; the record types are plain values.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from sts.errors import TemporarilyUnavailable
@@ -31,6 +40,16 @@ class StoreUnavailable(TemporarilyUnavailable):
 
     def __init__(self, detail: str) -> None:
         super().__init__("state store unavailable", detail=detail)
+
+
+class StoreLost(StoreUnavailable):
+    """The shared store lost what it held; kill switches cannot be proven until an admin acknowledges."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.description = (
+            "the state store lost its data; exchanges resume once an administrator acknowledges the loss"
+        )
 
 
 class AlreadyExists(ValueError):
@@ -112,6 +131,83 @@ class TokenState:
     subject_revocation: SubjectRevocation | None
 
 
+@dataclass(frozen=True, slots=True)
+class StoreLoss:
+    """A loss of the shared store, as recorded in its epoch (``sts.store.epoch``).
+
+    Every token issued at or before ``not_before`` is inactive from then on, on every replica. Until the
+    loss is acknowledged (and ``not_before`` has passed) exchanges are refused, because no kill switch can
+    be proven; ``reasserted`` kill switches were written back from this process's memory of the kill list.
+    """
+
+    epoch: str  # the epoch that records the loss
+    previous: str | None  # the epoch that was lost (None: first seen by a process that knew none)
+    cause: str  # "vanished", "replaced" or "rolled back"
+    detected_at: float
+    detected_by: str  # host:pid of the process that detected it
+    not_before: int
+    acknowledged_at: int | None = None
+    acknowledged_by: str | None = None
+    reason: str | None = None
+    reasserted: int = 0
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.acknowledged_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCondition:
+    """What this process knows about the store beyond "it answers": continuity and durability.
+
+    ``lost`` is the gauge: 1 while a loss is in force (exchanges refused), else 0.
+    """
+
+    lost: bool = False
+    loss: StoreLoss | None = None  # the latest loss known, acknowledged or not
+    epoch: str | None = None
+    not_before: int = 0  # tokens issued at or before it are inactive (0: none)
+    durability: str | None = None  # "replica" (WAIT), "aof", "none"; None: not applicable or not known yet
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def lost_gauge(self) -> int:
+        """1 while exchanges are refused because of a store loss, else 0 (a Prometheus gauge)."""
+        return int(self.lost)
+
+
+_TOLERATE_LOSS: contextvars.ContextVar[bool] = contextvars.ContextVar("sts_tolerate_loss", default=False)
+
+
+@contextlib.contextmanager
+def tolerating_store_loss() -> Iterator[None]:
+    """Within the block, a kill-switch read during a store loss answers with what the store holds now
+    (the re-asserted kill list) instead of raising :class:`StoreLost`: the one caller that needs this is
+    the administrator acknowledging the loss, whose own kill switch cannot be proven either."""
+    token = _TOLERATE_LOSS.set(True)
+    try:
+        yield
+    finally:
+        _TOLERATE_LOSS.reset(token)
+
+
+def store_loss_tolerated() -> bool:
+    return _TOLERATE_LOSS.get()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """The ``store.redis`` settings, as the Redis store needs them (``sts.store.redis_connect``)."""
+
+    require_durability: bool = True
+    wait_timeout: float = 2.0  # seconds a durable write waits for a replica (WAIT)
+    master_name: str = "mymaster"
+    username: str | None = None
+    password_file: Path | None = None
+    sentinel_password_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+
 class Store(Protocol):
     """The state every replica shares. All methods may raise StoreUnavailable."""
 
@@ -155,6 +251,16 @@ class Store(Protocol):
 
     def use_once(self, key: str, *, expires_at: int) -> bool:
         """True the first time ``key`` is seen before ``expires_at``, False on every replay."""
+
+    # Continuity and durability (only the Redis backend has anything to say)
+    def condition(self) -> StoreCondition:
+        """The store's continuity (a loss in force) and durability, as this process knows them; no I/O."""
+
+    def acknowledge_loss(self, *, by: str, reason: str, at: int) -> StoreLoss | None:
+        """An administrator accepts the loss in force (durably, for every replica); None: there is none."""
+
+    def check_durability(self) -> str | None:
+        """At start: why acknowledged security writes would not be durable (None: they are, or unknown)."""
 
     def close(self) -> None: ...
 

@@ -2,7 +2,10 @@
 
     memory://                     MemoryStore (one process; tests)
     sqlite:///abs/path/sts.db     SqliteStore on that file (``sqlite:////abs/…`` is the same file)
-    redis://host[:port][/db]      RedisStore; ``rediss://`` for TLS; query options go to redis-py
+    redis://host[:port][/db]      DurableRedisStore; ``rediss://`` for TLS; query options go to redis-py
+    redis+sentinel://host[:port][,host[:port]…][/master[/db]]
+                                  DurableRedisStore on the primary the Sentinels name;
+                                  ``rediss+sentinel://`` for TLS (``sts.store.redis_connect``)
 
 A wrong URL is a ``ValueError`` whose message names what is wrong (config turns it into an error
 naming ``store.url``). Relative SQLite paths are refused rather than resolved against whatever the
@@ -15,15 +18,27 @@ Imports only ``sts.store`` of the project.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
 
-from sts.store import Store
+from sts.store import RedisOptions, Store
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 
 
-def open_store(url: str, *, clock: Callable[[], float] = time.time) -> Store:
-    """The store named by ``url``; ValueError (naming the scheme or the fault) for anything else."""
+def open_store(
+    url: str,
+    *,
+    clock: Callable[[], float] = time.time,
+    redis: RedisOptions | None = None,
+    report: Callable[[Mapping[str, Any]], None] | None = None,
+) -> Store:
+    """The store named by ``url``; ValueError (naming the scheme or the fault) for anything else.
+
+    ``redis`` are the ``store.redis`` settings of a Redis store; ``report`` receives the audit records
+    of store losses (``sts.store.epoch``).
+    """
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
     if not sep:
@@ -38,12 +53,15 @@ def open_store(url: str, *, clock: Callable[[], float] = time.time) -> Store:
         from sts.store.sqlite import SqliteStore
 
         return SqliteStore(sqlite_path(url), clock=clock)
-    if scheme in ("redis", "rediss"):
-        _check_redis(url)
-        from sts.store.redis_store import RedisStore
+    if scheme in REDIS_SCHEMES:
+        from sts.store.redis_connect import check_url
+        from sts.store.redis_durable import DurableRedisStore
 
-        return RedisStore(url, clock=clock)
-    raise ValueError(f"unknown store URL scheme {scheme!r}: use memory://, sqlite:///abs/path or redis://")
+        check_url(url)
+        return DurableRedisStore(url, clock=clock, options=redis, report=report)
+    raise ValueError(
+        f"unknown store URL scheme {scheme!r}: use memory://, sqlite:///abs/path, redis:// or redis+sentinel://"
+    )
 
 
 def sqlite_path(url: str) -> Path:
@@ -72,19 +90,3 @@ def sqlite_path(url: str) -> Path:
     if raw.endswith("/") or path == Path("/"):
         raise ValueError(f"store URL {url!r}: the SQLite path names a directory, not a file")
     return path
-
-
-def _check_redis(url: str) -> None:
-    """Refuse what redis-py would misread or only fail on at the first request: no host, a bad port or db."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"store URL {url!r}: the port is not a number from 0 to 65535") from None
-    if not parts.hostname:
-        raise ValueError(f"store URL {url!r} names no host: write redis://host:6379/0")
-    if port == 0:
-        raise ValueError(f"store URL {url!r}: port 0 is not a Redis port")
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        raise ValueError(f"store URL {url!r}: the database {db!r} must be a number (redis://host:6379/0)")

@@ -13,6 +13,8 @@ from sts.store import (
     RETENTION_SECONDS,
     AlreadyExists,
     ExceptionGrant,
+    StoreCondition,
+    StoreLoss,
     SubjectRevocation,
     TaskRecord,
     TokenState,
@@ -119,6 +121,15 @@ class MemoryStore:
                 return False
             self._once[key] = expires_at
             return True
+
+    def condition(self) -> StoreCondition:
+        return StoreCondition()
+
+    def acknowledge_loss(self, *, by: str, reason: str, at: int) -> StoreLoss | None:
+        return None  # one process's memory: nothing to lose that the process would not lose with it
+
+    def check_durability(self) -> str | None:
+        return None
 
     def close(self) -> None:
         return None

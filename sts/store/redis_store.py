@@ -19,8 +19,11 @@ the server (a single command, MULTI, or a Lua script), so replicas never oversho
 cached here, so a revocation is seen by every replica on its next call.
 
 A dead Redis fails fast (short socket timeouts, one immediate retry on a broken connection, which
-also heals connections a restarted Redis closed); every ``redis.RedisError`` becomes StoreUnavailable,
-and the same object works again once Redis is back.
+also heals connections a restarted Redis closed: ``sts.store.redis_connect``); every
+``redis.RedisError`` becomes StoreUnavailable, and the same object works again once Redis is back.
+
+:class:`~sts.store.redis_durable.DurableRedisStore` adds to this layout ``sts:epoch``, ``sts:gen`` and
+``sts:kills`` (``sts.store.epoch``).
 
 Imports only ``sts.store`` of the project (and the ``redis`` package).
 """
@@ -35,13 +38,13 @@ from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar, cast
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from sts.store import (
     RETENTION_SECONDS,
     AlreadyExists,
     ExceptionGrant,
+    StoreCondition,
+    StoreLoss,
     StoreUnavailable,
     SubjectRevocation,
     TaskRecord,
@@ -52,12 +55,10 @@ from sts.store import (
     subject_from,
     task_from,
 )
+from sts.store.redis_connect import client_defaults
 
 PREFIX = "sts:"
 COMPLETION = ("completed_at", "completed_by")  # a task's completion lives in its own key
-CONNECT_TIMEOUT = 0.5  # seconds; a dead or unreachable Redis must not hold a request for long
-READ_TIMEOUT = 1.0
-HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed before use
 _LATEST_EXPIRY = 2**40  # EXAT beyond this is refused by Redis; clamp instead of failing
 
 # KEYS: budget. ARGV: limit, expires_at. 1 when a unit was taken, 0 (nothing changed) when spent.
@@ -121,22 +122,24 @@ def _answers(method: _Method[_P, _R]) -> _Method[_P, _R]:
 class RedisStore:
     """The :class:`~sts.store.Store` in Redis, shared by every replica; one connection pool per store.
 
-    Options in the URL's query string (``?socket_timeout=2``) override the defaults above.
+    Options in the URL's query string (``?socket_timeout=2``) override the defaults above. This class
+    is the plain key layout; production uses its subclass
+    :class:`~sts.store.redis_durable.DurableRedisStore` (durable security writes, the store epoch,
+    Sentinel), which ``open_store`` returns.
     """
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        client: redis.Redis | None = None,
+        address: str | None = None,
+    ) -> None:
         self._clock = clock
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=READ_TIMEOUT,
-            health_check_interval=HEALTH_CHECK_INTERVAL,
-            # Retry once, at once, and only when the connection broke (not on a timeout): that heals
-            # a pooled connection a restarted Redis closed, and a dead Redis still fails at once.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        )
+        self._redis = client if client is not None else redis.Redis.from_url(url, **client_defaults())
         kwargs = self._redis.connection_pool.connection_kwargs
-        self.address = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        self.address = address or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
         self._take = self._redis.register_script(_TAKE)
         self._complete = self._redis.register_script(_COMPLETE)
         self._revoke_jti = self._redis.register_script(_REVOKE_JTI)
@@ -244,6 +247,15 @@ class RedisStore:
         if expires_at <= self._clock():
             return True  # as in the other backends: a key already past its end is never remembered
         return bool(self._redis.set(f"{PREFIX}once:{key}", 1, nx=True, exat=_at(expires_at)))
+
+    def condition(self) -> StoreCondition:
+        return StoreCondition()
+
+    def acknowledge_loss(self, *, by: str, reason: str, at: int) -> StoreLoss | None:
+        return None  # this class keeps no epoch (DurableRedisStore does)
+
+    def check_durability(self) -> str | None:
+        return None
 
     def close(self) -> None:
         self._redis.close()

@@ -28,6 +28,8 @@ from sts.store import (
     RETENTION_SECONDS,
     AlreadyExists,
     ExceptionGrant,
+    StoreCondition,
+    StoreLoss,
     StoreUnavailable,
     SubjectRevocation,
     TaskRecord,
@@ -297,6 +299,15 @@ class SqliteStore:
     def use_once(self, key: str, *, expires_at: int) -> bool:
         conn, now = self._writer()
         return bool(conn.execute(_USE_ONCE, (key, expires_at, now)).fetchall())
+
+    def condition(self) -> StoreCondition:
+        return StoreCondition()
+
+    def acknowledge_loss(self, *, by: str, reason: str, at: int) -> StoreLoss | None:
+        return None  # one file on one host: it is not shared by replicas that could disagree about it
+
+    def check_durability(self) -> str | None:
+        return None  # WAL with synchronous=NORMAL: an application crash loses nothing (module docstring)
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise StoreUnavailable."""

@@ -15,6 +15,7 @@ from sts import strict_json
 from sts.admin import exception_json
 from sts.callers import Caller
 from sts.errors import InvalidRequest, StsError
+from sts.store import tolerating_store_loss
 from sts.tasks import task_json
 from sts.web.common import audited_refusal, services
 from sts.web.http import client_certificate_chain
@@ -95,3 +96,13 @@ def grant_exception() -> Response:
 def list_exceptions() -> Response:
     _admin()
     return jsonify({"exceptions": services().admin.list_exceptions()})
+
+
+@resources.post("/admin/store-loss/ack")
+def acknowledge_store_loss() -> Response:
+    """``sts admin store-loss ack``: while the store is lost no kill switch can be proven, the admin's
+    own included, so this one call reads the kill list the store holds now instead of refusing."""
+    with tolerating_store_loss():
+        caller = _admin()
+        body = _json_body()
+        return jsonify(services().admin.acknowledge_store_loss(caller, body, request_id=g.request_id))

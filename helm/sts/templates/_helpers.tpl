@@ -64,9 +64,37 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* "true" when a Redis store is configured (URL in the config or in a Secret), else empty. */}}
+{{/* "true" when a Redis store is configured (URL in the config or in a Secret, or Sentinels), else empty. */}}
 {{- define "sts.redis" -}}
-{{- if or .Values.redis.url .Values.redis.existingSecret }}true{{ end }}
+{{- if or .Values.redis.url .Values.redis.existingSecret .Values.redis.sentinels }}true{{ end }}
+{{- end }}
+
+{{/* store.redis of the config: only what differs from the STS's defaults, so nothing is written without Redis. */}}
+{{- define "sts.storeRedis" -}}
+{{- $redis := dict }}
+{{- if .Values.redis.sentinels }}
+{{- $_ := set $redis "sentinels" .Values.redis.sentinels }}
+{{- $_ = set $redis "master_name" .Values.redis.masterName }}
+{{- end }}
+{{- if .Values.redis.username }}
+{{- $_ := set $redis "username" .Values.redis.username }}
+{{- end }}
+{{- if .Values.redis.passwordSecret }}
+{{- $_ := set $redis "password_file" "/run/sts/redis/password" }}
+{{- if .Values.redis.sentinelPasswordSecretKey }}
+{{- $_ = set $redis "sentinel_password_file" "/run/sts/redis/sentinel-password" }}
+{{- end }}
+{{- end }}
+{{- if .Values.redis.caSecret }}
+{{- $_ := set $redis "tls_ca_file" "/run/sts/redis-ca/ca.pem" }}
+{{- end }}
+{{- if not .Values.redis.requireDurability }}
+{{- $_ := set $redis "require_durability" false }}
+{{- end }}
+{{- if ne (int .Values.redis.waitTimeout) 2 }}
+{{- $_ := set $redis "wait_timeout" (int .Values.redis.waitTimeout) }}
+{{- end }}
+{{- toJson $redis }}
 {{- end }}
 
 {{/* The most pods that may run at once: maxReplicas with the autoscaler, else replicaCount. */}}
@@ -136,10 +164,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ = set $config "keys" $keys }}
 {{- $_ = set $config "policy" (dict "dir" "/etc/sts/policies") }}
 {{- $_ = set $config "audit" (dict "path" (ternary "-" "/var/lib/sts/audit.jsonl" .Values.audit.stdout)) }}
+{{- $store := dict }}
 {{- if .Values.redis.url }}
-{{- $_ = set $config "store" (dict "url" .Values.redis.url) }}
-{{- else if not .Values.redis.existingSecret }}
-{{- $_ = set $config "store" (dict "url" "sqlite:///var/lib/sts/sts.db") }}
+{{- $_ = set $store "url" .Values.redis.url }}
+{{- else if and .Values.redis.sentinels .Values.redis.tls }}
+{{- $_ = set $store "url" (printf "rediss+sentinel:///%s/0" .Values.redis.masterName) }}
+{{- else if not (or .Values.redis.existingSecret .Values.redis.sentinels) }}
+{{- $_ = set $store "url" "sqlite:///var/lib/sts/sts.db" }}
+{{- end }}
+{{- $storeRedis := include "sts.storeRedis" . | fromJson }}
+{{- if $storeRedis }}
+{{- $_ = set $store "redis" $storeRedis }}
+{{- end }}
+{{- if $store }}
+{{- $_ = set $config "store" $store }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
@@ -152,7 +190,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- $replicas := int (include "sts.maxReplicas" .) }}
 {{- if and (gt $replicas 1) (not (include "sts.redis" .)) }}
-{{- fail (printf "%d replicas need Redis (redis.url or redis.existingSecret): the SQLite store is one file on one pod" $replicas) }}
+{{- fail (printf "%d replicas need Redis (redis.url, redis.existingSecret or redis.sentinels): the SQLite store is one file on one pod" $replicas) }}
 {{- end }}
 {{- if and (gt $replicas 1) (not (include "sts.signingKeysSecret" .)) }}
 {{- fail (printf "%d replicas need provisioned signing keys (signingKeys.existingSecret or signingKeys.files): each pod would otherwise sign with its own generated key" $replicas) }}
@@ -165,6 +203,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- if and .Values.redis.url .Values.redis.existingSecret }}
 {{- fail "set redis.url or redis.existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.redis.sentinels (or .Values.redis.url .Values.redis.existingSecret) }}
+{{- fail "set redis.sentinels or a URL (redis.url, redis.existingSecret), not both: the Sentinels are named once" }}
+{{- end }}
+{{- if and .Values.redis.tls (not .Values.redis.sentinels) }}
+{{- fail "redis.tls applies to redis.sentinels; with redis.url, write rediss:// or rediss+sentinel:// there" }}
 {{- end }}
 {{- if and (not (include "sts.signingKeysSecret" .)) (not .Values.config.keys.generate) }}
 {{- fail "no signing keys: set signingKeys.existingSecret or signingKeys.files (sts keys create), or config.keys.generate: true to try the chart with development keys" }}
