@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 def dry_run(*arguments: str) -> str:
     result = subprocess.run(
-        ["make", "-n", "-B", *arguments], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
+        ["make", "--no-print-directory", "-n", "-B", *arguments], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
     )
     return result.stdout
 
