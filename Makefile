@@ -50,7 +50,8 @@ typecheck: $(STAMP)
 unit: $(STAMP) system-deps node-deps
 	$(BIN)/pytest
 
-## system-deps: what the tests run besides Python (redis-server, redis-sentinel), from Debian's packages when missing
+## system-deps: what the tests run besides Python (redis-server, redis-sentinel, wrk for the failover-under-load
+## test), from Debian's packages when missing
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -61,6 +62,10 @@ system-deps:
 	  echo "installing redis-sentinel (the failover tests start their own Sentinels)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -q --no-install-recommends redis-sentinel; }
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing wrk (the Redis failover test drives load with it)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends wrk; }
 
 ## node-deps: the pinned npm clients the interop tests drive (tests/interop/package-lock.json, `npm ci`);
 ## reinstalled only when the lock file is newer than the install (node_modules/.package-lock.json)

@@ -46,6 +46,7 @@ COMMAND_EXTRAS: Mapping[str, str] = {
     "workload-api": "server",
     "config": "server",
     "policy": "server",
+    "admin": "server",
     "keys": "server",
     "audit": "server",
 }

@@ -199,7 +199,7 @@ def test_failover_under_load_answers_503_or_the_truth(
 ) -> None:
     wrk = shutil.which("wrk")
     if wrk is None:
-        pytest.skip("wrk is not installed (apt-get install -y wrk)")
+        pytest.fail("wrk is not installed: make system-deps (apt-get install -y wrk)")
     with (
         SentinelTopology(tmp_path / "redis") as redis,
         two_replicas(tmp_path, example_org, partner_test, redis.url) as (one, two),
