@@ -330,6 +330,27 @@ def _signed(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
+def write_chain(
+    directory: Path,
+    name: str,
+    leaf: x509.Certificate,
+    leaf_key: ec.EllipticCurvePrivateKey,
+    intermediate: x509.Certificate,
+) -> tuple[Path, Path]:
+    """The client's chain (leaf, then intermediate) and its key, as PEM files for ``requests``."""
+    chain_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    chain_path.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM) + intermediate.public_bytes(serialization.Encoding.PEM)
+    )
+    key_path.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return chain_path, key_path
+
+
 def test_an_svid_issued_through_an_intermediate_authenticates(
     tls: tuple[RunningServer, Path], example_org: TestAuthority
 ) -> None:
@@ -343,16 +364,7 @@ def test_an_svid_issued_through_an_intermediate_authenticates(
     )
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     leaf = _signed(leaf_key, intermediate, intermediate_key, AGENT, ca=False)
-    chain_path, key_path = directory / "chained.pem", directory / "chained.key"
-    chain_path.write_bytes(
-        leaf.public_bytes(serialization.Encoding.PEM) + intermediate.public_bytes(serialization.Encoding.PEM)
-    )
-    key_path.write_bytes(
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
+    chain_path, key_path = write_chain(directory, "chained", leaf, leaf_key, intermediate)
     response = post(
         server,
         directory,
@@ -377,16 +389,7 @@ def test_an_intermediate_of_another_trust_domain_is_refused(
     )
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     leaf = _signed(leaf_key, intermediate, intermediate_key, AGENT, ca=False)
-    chain_path, key_path = directory / "crossed.pem", directory / "crossed.key"
-    chain_path.write_bytes(
-        leaf.public_bytes(serialization.Encoding.PEM) + intermediate.public_bytes(serialization.Encoding.PEM)
-    )
-    key_path.write_bytes(
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
+    chain_path, key_path = write_chain(directory, "crossed", leaf, leaf_key, intermediate)
     try:
         response = post(
             server,

@@ -73,7 +73,7 @@ from sts.store.epoch import (
     Report,
 )
 from sts.store.redis_connect import RedisOptions, connect
-from sts.store.redis_store import PREFIX, RedisStore, _at, _task_keys
+from sts.store.redis_store import _COMPLETE, _REVOKE_JTI, PREFIX, RedisStore, _at, _task_keys
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +123,8 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
-_COMPLETE_SCRIPT = """
-local task = redis.call('GET', KEYS[1])
-if not task then return false end
-local left = redis.call('PTTL', KEYS[1])
-if left > 0 then
-  redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', left)
-else
-  redis.call('SET', KEYS[2], ARGV[1], 'NX')
-end
-return {task, redis.call('GET', KEYS[2])}
-"""
-_REVOKE_JTI_SCRIPT = """
-if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[1])
-end
-return 1
-"""
+# The completion and jti-revocation scripts are redis_store's own (_COMPLETE, _REVOKE_JTI).
+
 
 LOSS_REVOKER = "sts:store-loss"
 
@@ -371,7 +356,7 @@ class DurableRedisStore(RedisStore):
     def revoke_jti(self, jti: str, *, expires_at: int) -> None:
         self._ensure_monitor()
         key = f"{PREFIX}jti:{jti}"
-        self._durably(lambda p: p.eval(_REVOKE_JTI_SCRIPT, 1, key, _at(expires_at)), "jti revocation")
+        self._durably(lambda p: p.eval(_REVOKE_JTI, 1, key, _at(expires_at)), "jti revocation")
 
     @_answers
     def revoke_subject(self, revocation: SubjectRevocation, *, keep_until: int | None) -> None:
@@ -390,7 +375,7 @@ class DurableRedisStore(RedisStore):
         done = json.dumps({"completed_at": at, "completed_by": by})
         keys = _task_keys(task_id)
         (found,) = self._durably(
-            lambda p: p.eval(_COMPLETE_SCRIPT, 2, *keys, done), "task completion"
+            lambda p: p.eval(_COMPLETE, 2, *keys, done), "task completion"
         )
         return None if found is None else self._task(found[0], found[1])
 
