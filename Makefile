@@ -34,9 +34,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $(STAMP) $(RUN_STAMP)
 
 ## run: the development environment end to end (`sts dev`): Workload API server + STS; it prints what to
-## try, including `sts demo --state-dir state/dev`, the whole agent story against it
-run: python-version $(RUN_STAMP)
-	$(BIN)/sts dev --state-dir state/dev --port $(PORT)
+## try, including `sts demo --state-dir state/dev`, the whole agent story against it. SPIRE=1: on a real
+## SPIRE server and agent (built by `make spire`) instead of the development Workload API server
+run: python-version $(RUN_STAMP) $(if $(filter 1,$(SPIRE)),spire)
+	$(BIN)/sts dev --state-dir state/dev --port $(PORT) $(if $(filter 1,$(SPIRE)),--spire)
 
 ## test: lint, type-check, then the whole suite
 test: python-version lint typecheck unit
@@ -51,7 +52,7 @@ unit: $(STAMP) system-deps node-deps
 	$(BIN)/pytest
 
 ## system-deps: what the tests run besides Python (redis-server, redis-sentinel, wrk for the failover-under-load
-## test), from Debian's packages when missing
+## test, prometheus and promtool for the metrics tests), from Debian's packages when missing
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -66,6 +67,10 @@ system-deps:
 	  echo "installing wrk (the Redis failover test drives load with it)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -q --no-install-recommends wrk; }
+	@{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || { \
+	  echo "installing prometheus (the metrics tests scrape the STS with it and check rules with promtool)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends prometheus; }
 
 ## node-deps: the pinned npm clients the interop tests drive (tests/interop/package-lock.json, `npm ci`);
 ## reinstalled only when the lock file is newer than the install (node_modules/.package-lock.json)
@@ -88,15 +93,17 @@ spire:
 test-spire: $(STAMP) spire
 	STS_SPIRE_BIN=$$(spire/real/build.sh) $(BIN)/pytest tests/spire_real
 
-## bench: the benchmark end to end on loopback (needs wrk); QUICK=1 for about a minute (N=16,64, no peer)
+## bench: the benchmark end to end on loopback (needs wrk); QUICK=1 for about a minute (N=16,64, no peer);
+## CHECK=1 exits 1 when a target is NOT MET
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install -y wrk"; exit 2; }
-	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick)
+	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick) $(if $(filter 1,$(CHECK)),--check)
 
-## bench-peer: the full benchmark, then authgent-server (PyPI, throwaway venv) with the same load shape
+## bench-peer: the full benchmark, then Keycloak (Maven Central) and authgent-server (PyPI, throwaway venv)
+## with the same load shape
 bench-peer: $(STAMP)
 	@command -v wrk >/dev/null || { echo "make bench-peer needs wrk: apt-get install -y wrk"; exit 2; }
-	$(BIN)/python -m bench --peer
+	$(BIN)/python -m bench --peer $(if $(filter 1,$(CHECK)),--check)
 
 clean:
 	rm -rf $(VENV) state .mypy_cache .ruff_cache .pytest_cache $(INTEROP)/node_modules

@@ -10,6 +10,7 @@ Imports ``sts.errors``, ``sts.spiffeid``, ``sts.catalog`` and ``sts.strict_json`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -157,6 +158,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Prometheus ``/metrics`` on the main listener(s): on by default, optionally limited by source address.
+
+    The exposition holds no secrets and no per-workload labels (every label value is bounded), so the
+    default is open to anyone who can reach the listener; ``allow`` narrows it to scrapers' networks.
+    """
+
+    enabled: bool = True
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any source address
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     issuer: str
     listen: ListenSettings
@@ -178,6 +191,10 @@ class Settings:
     # The base URL of this issuer's TLS (mTLS) listener, when it has one: RFC 8705 §5
     # ``mtls_endpoint_aliases`` point there, from both listeners' (identical) metadata.
     mtls_url: str | None = None
+    # audit.stdout: every audit line also goes to standard output (JSON, hash-chained) for a log
+    # collector, besides audit.path when that is a file.
+    audit_stdout: bool = False
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 class _Tree:
@@ -339,6 +356,7 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "STS_LOG_LEVEL": "log_level",
     "STS_LOG_FORMAT": "logging.format",
     "STS_WORKERS": "server.workers",
+    "STS_METRICS_ENABLED": "metrics.enabled",
 }
 
 
@@ -456,7 +474,10 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
     audit_section = top.section("audit")
     audit_raw = audit_section.get("path", str, "-")
     audit_path = audit_raw if audit_raw == "-" else str(audit_section.path_value("path", base))
+    audit_stdout = audit_section.get("stdout", bool, False)
     audit_section.done()
+
+    metrics = _metrics(top.section("metrics"))
 
     server_section = top.section("server")
     server = ServerSettings(
@@ -495,7 +516,26 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         source=tree.source,
         mtls_url=mtls_url,
         log_format=log_format,
+        audit_stdout=audit_stdout,
+        metrics=metrics,
     )
+
+
+def _metrics(section: _Section) -> MetricsSettings:
+    """``metrics.enabled`` and ``metrics.allow`` (a list of addresses or CIDR networks)."""
+    enabled = section.get("enabled", bool, True)
+    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    if section.has("allow"):
+        raw = section.raw("allow")
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            section.fail(section.key("allow"), "must be a list of addresses or CIDR networks")
+        for item in raw:
+            try:
+                allow.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                section.fail(section.key("allow"), f"{item!r} is not an address or a CIDR network")
+    section.done()
+    return MetricsSettings(enabled=enabled, allow=tuple(allow))
 
 
 _SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")

@@ -4,7 +4,7 @@
 (``cryptography``, ``pyjwt``, ``requests``, ``httpx``, ``anyio``, ``spiffe``). The rest are extras:
 
 ``server``  everything ``sts serve`` and ``sts dev`` need (Flask, uvicorn, h11, PyYAML, cedarpy,
-            grpcio and protobuf for the development Workload API, redis)
+            grpcio and protobuf for the development Workload API, redis, prometheus_client)
 ``flask``   :meth:`sts.verify.TokenVerifier.require_token` and ``init_app`` (Flask)
 ``asgi``    :mod:`sts.asgi_verifier` (Starlette, FastAPI)
 ``mcp``     :mod:`sts.mcp_verifier` (the MCP Python SDK)
@@ -31,7 +31,10 @@ DISTRIBUTION = "spiffe-sts"  # pyproject.toml [project] name; the import package
 EXIT_MISSING_EXTRA = 2  # the exit code of every configuration or start-up error of the sts command
 # The top-level modules each extra brings; present means installed (find_spec, nothing imported).
 EXTRAS: Mapping[str, tuple[str, ...]] = {
-    "server": ("flask", "uvicorn", "httptools", "uvloop", "h11", "yaml", "cedarpy", "grpc", "redis"),
+    "server": (
+        "flask", "uvicorn", "httptools", "uvloop", "h11", "yaml", "cedarpy", "grpc", "redis",
+        "prometheus_client",
+    ),
     "flask": ("flask",),
     "asgi": ("starlette", "fastapi"),
     "mcp": ("mcp",),
