@@ -6,6 +6,10 @@ its canonical JSON without ``hash``. Deleting, reordering or editing a line brea
 :func:`verify_chain` finds where. Several worker processes append to one file safely: each record is
 one ``write`` on an ``O_APPEND`` descriptor.
 
+Observers (``observers=``) are called with every event after it is written: ``sts.metrics`` counts
+decisions from them, so metrics and the audit log cannot disagree. ``stdout=True`` (``audit.stdout``)
+also writes every line to standard output (a log collector's copy of the same chained record).
+
 Must not import Flask or anything of the request path; it is given plain dicts.
 """
 
@@ -13,27 +17,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 GENESIS = "0" * 64
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[Mapping[str, Any]], None]
+"""Called with each recorded event (the fields given to :meth:`AuditLog.record`), after it is written."""
 
 
 class AuditLog:
     """Appends decision records to a file (or standard output with path ``-``)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, stdout: bool = False, observers: Sequence[Observer] = ()) -> None:
         self.path = path
         self._fd = (
             sys.stdout.fileno()
             if path == "-"
             else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         )
+        # With path "-" the line already goes to standard output: written once, never twice.
+        self._copy_fd = sys.stdout.fileno() if stdout and path != "-" else None
+        self._observers = tuple(observers)
         self._chain = secrets.token_hex(8)
         self._seq = 0
         self._prev = GENESIS
@@ -53,8 +66,16 @@ class AuditLog:
             # One canonical text: hashed as it is, then written with the hash appended as its last member.
             canonical = _canonical(entry)
             digest = hashlib.sha256(canonical.encode()).hexdigest()
-            os.write(self._fd, f'{canonical[:-1]},"hash":"{digest}"}}\n'.encode())
+            line = f'{canonical[:-1]},"hash":"{digest}"}}\n'.encode()
+            os.write(self._fd, line)
+            if self._copy_fd is not None:
+                os.write(self._copy_fd, line)
             self._prev = digest
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # an observer (metrics) must never break the decision it observes
+                log.exception("audit observer failed on a %s event", event.get("event"))
 
     def close(self) -> None:
         if self.path != "-":

@@ -20,6 +20,7 @@ from sts.errors import ConfigError, TemporarilyUnavailable
 from sts.exchange import TokenExchange
 from sts.introspection import Introspection
 from sts.keys import KeyRing
+from sts.metrics import Metrics
 from sts.policy import CedarPolicy
 from sts.refusal_limit import RefusalLimiter
 from sts.store import RedisOptions, Store, StoreUnavailable
@@ -49,6 +50,7 @@ class Services:
     admin: Admin
     refusals: RefusalLimiter
     watcher: WorkloadApiWatcher | None = None
+    metrics: Metrics | None = None  # None: metrics.enabled is false (no /metrics, nothing counted)
 
     def readiness(self) -> Readiness:
         """What stops this process from serving correctly right now (no problems: ready), what an
@@ -265,8 +267,14 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
     except OSError as e:
         raise ConfigError(f"keys.dir: cannot use {settings.keys.dir}: {e.strerror}") from e
     policy = CedarPolicy.from_directory(settings.policy_dir, settings.catalog)
+    # Metrics observe the audit log: every counted decision is one audit record (sts.metrics).
+    metrics = Metrics.from_settings(settings, policy.policy_ids) if settings.metrics.enabled else None
     try:
-        audit = AuditLog(settings.audit_path)
+        audit = AuditLog(
+            settings.audit_path,
+            stdout=settings.audit_stdout,
+            observers=(metrics.observe,) if metrics is not None else (),
+        )
     except OSError as e:
         raise ConfigError(f"audit.path: cannot open {settings.audit_path}: {e.strerror}") from e
     store = build_store(settings, audit)
@@ -346,6 +354,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
             ),
         ),
         watcher=watcher,
+        metrics=metrics,
     )
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from sts.audit import AuditLog, verify_chain
 
@@ -55,3 +59,39 @@ def test_garbage_lines_reported(tmp_path: Path) -> None:
         "line 2: not an audit record",
         "line 3: not an audit record",
     ]
+
+
+def test_stdout_copies_every_line_of_a_file_log(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``audit.stdout``: the same chained line in the file and on standard output."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), stdout=True)
+    log.record({"event": "token_exchange", "decision": "allow"}, now=1000)
+    log.record({"event": "token_exchange", "decision": "deny"}, now=1001)
+    log.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    assert capfd.readouterr().out.splitlines() == lines
+    assert verify_chain(lines) == []
+
+
+def test_stdout_log_with_stdout_is_written_once(capfd: pytest.CaptureFixture[str]) -> None:
+    log = AuditLog("-", stdout=True)
+    log.record({"event": "token_exchange", "decision": "allow"}, now=1000)
+    out = capfd.readouterr().out.splitlines()
+    assert len(out) == 1
+    assert verify_chain(out) == []
+
+
+def test_observers_see_every_event_and_cannot_break_it(tmp_path: Path) -> None:
+    seen: list[Mapping[str, Any]] = []
+
+    def failing(event: Mapping[str, Any]) -> None:
+        raise RuntimeError("observer bug")
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), observers=(failing, seen.append))
+    log.record({"event": "revoke", "decision": "allow"}, now=1000)
+    log.record({"event": "token_exchange", "decision": "deny", "error": "invalid_target"}, now=1001)
+    log.close()
+    assert [e["event"] for e in seen] == ["revoke", "token_exchange"]
+    assert len(path.read_text().splitlines()) == 2

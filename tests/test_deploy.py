@@ -529,7 +529,13 @@ SECTIONS = {
     "server": ServerSettings,
 }
 # Settings field -> the top-level key it comes from, when the names differ.
-TOP_LEVEL_KEYS = {"store_url": "store", "policy_dir": "policy", "audit_path": "audit", "log_format": "logging"}
+TOP_LEVEL_KEYS = {
+    "store_url": "store",
+    "policy_dir": "policy",
+    "audit_path": "audit",
+    "audit_stdout": "audit",  # audit.stdout: the chart's audit.stdout value
+    "log_format": "logging",
+}
 
 
 def test_schema_config_sections_match_sts_config(schema):
@@ -1196,3 +1202,104 @@ def test_helm_renders_chart_made_signing_key_secret(tmp_path):
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "keys-secret")
     assert volume["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400}
     assert fnmatch.fnmatch(pod["spec"]["initContainers"][0]["command"][1], "*/install-signing-keys.sh")
+
+
+# ------------------------------------------------------------- the rendered config through `sts config check`
+
+STS_CLI = ROOT / ".venv" / "bin" / "sts"
+
+
+def pod_layout(merged: dict[str, Any], config: dict[str, Any], tmp: Path) -> tuple[Path, dict[str, str]]:
+    """The pod's files under ``tmp``: config.yaml (its paths moved there), the policies the ConfigMap
+    mounts, the signing keys the init container installs from the Secret (``sts keys create``'s
+    files) when the values provision them, and the environment the Deployment sets."""
+    config = copy.deepcopy(config)
+    policies = tmp / "policies"
+    policies.mkdir()
+    for name, text in merged["policies"].items():
+        (policies / name).write_text(text, encoding="utf-8")
+    config["policy"]["dir"] = str(policies)
+    config["keys"]["dir"] = str(tmp / "keys")
+    if merged["signingKeys"]["existingSecret"] or merged["signingKeys"]["files"]:
+        create_provisioned_keys(KeySettings(dir=tmp / "keys"))
+    if config["audit"]["path"] != "-":
+        config["audit"]["path"] = str(tmp / "audit.jsonl")
+    if config.get("store", {}).get("url", "").startswith("sqlite:"):
+        config["store"]["url"] = f"sqlite://{tmp / 'sts.db'}"
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STS_")}
+    if merged["redis"]["existingSecret"]:  # the Deployment's STS_STORE_URL from the Secret
+        environ["STS_STORE_URL"] = "redis://redis.redis.svc:6379/0"
+    return path, environ
+
+
+def sts_config_check(path: Path, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(STS_CLI), "config", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        check=False,
+        timeout=120,
+    )
+
+
+def provisioned(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The default values cannot be installed without signing keys (the chart fails): give them a Secret."""
+    if "signingKeys" in overrides or overrides.get("config", {}).get("keys", {}).get("generate"):
+        return overrides
+    return merge_values(overrides, {"signingKeys": {"existingSecret": "sts-signing-keys"}})
+
+
+@pytest.mark.parametrize("overrides", [v[1] for v in VALUE_SETS], ids=[v[0] for v in VALUE_SETS])
+def test_sts_config_check_accepts_the_charts_config(values, overrides, tmp_path):
+    merged = merge_values(values, provisioned(overrides))
+    path, environ = pod_layout(merged, chart_config(merged), tmp_path)
+    result = sts_config_check(path, environ)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert merged["config"]["issuer"] in result.stdout
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=[f.name for f in CI_FILES])
+def test_helm_rendered_config_passes_sts_config_check(values, ci_file, tmp_path):
+    """The ConfigMap's config.yaml as helm writes it, not its Python model."""
+    result = helm(tmp_path, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(ci_file))
+    assert result.returncode == 0, result.stderr
+    configmap = next(d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "ConfigMap")
+    merged = merge_values(values, load_yaml(ci_file))
+    assert {k: v for k, v in configmap["data"].items() if k.endswith(".cedar")} == merged["policies"]
+    path, environ = pod_layout(merged, yaml.safe_load(configmap["data"]["config.yaml"]), tmp_path)
+    checked = sts_config_check(path, environ)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+BROKEN_VALUE_SETS = [
+    # Valid for the schema and helm; only the STS finds out (a Cedar syntax error, a policy on an
+    # unknown target, an unreadable bundle file).
+    (
+        "cedar-syntax",
+        {"policies": {"10-tools.cedar": "permit(principal, action, resource"}},
+        "10-tools.cedar",
+    ),
+    (
+        "bundle-file-missing",
+        {"config": {"trust_domains": {"example.org": {"bundle_file": "/nonexistent/bundle.json"}}}},
+        "/nonexistent/bundle.json",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"), [b[1:] for b in BROKEN_VALUE_SETS], ids=[b[0] for b in BROKEN_VALUE_SETS]
+)
+def test_sts_config_check_refuses_a_broken_value_set(schema, values, overrides, message, tmp_path):
+    merged = merge_values(values, provisioned(merge_values(ISSUER, overrides)))
+    if "trust_domains" in overrides.get("config", {}):
+        merged["config"]["trust_domains"] = overrides["config"]["trust_domains"]
+    assert schema_errors(schema, merged) == [], "the schema lets it through: only sts config check can tell"
+    path, environ = pod_layout(merged, chart_config(merged), tmp_path)
+    result = sts_config_check(path, environ)
+    assert result.returncode == 2, result.stdout + result.stderr
+    problems = [line for line in result.stderr.splitlines() if line.startswith("problem:")]
+    assert problems and any(message in line for line in problems), result.stderr

@@ -29,6 +29,7 @@ from sts.web.http import (
     request_from_environ,
     status_line,
 )
+from sts.web.metrics_endpoint import metrics_blueprint
 from sts.web.oauth import oauth
 from sts.web.ops import ops
 from sts.web.resources import resources
@@ -45,6 +46,7 @@ def create_app(services: Services) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.register_blueprint(oauth)
     app.register_blueprint(ops)
+    app.register_blueprint(metrics_blueprint)
     app.register_blueprint(resources)
     app.wsgi_app = _WsgiFront(services, app.wsgi_app)  # type: ignore[method-assign]
 

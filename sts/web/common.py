@@ -9,7 +9,7 @@ from flask import Response, current_app, g, jsonify, request
 
 from sts.errors import StsError
 from sts.runtime import Services
-from sts.web.token_endpoint import anonymous_refusal
+from sts.web.token_endpoint import anonymous_refusal, count_store_error
 
 log = logging.getLogger("sts.web")
 
@@ -35,6 +35,7 @@ def gate_refusal(error: StsError) -> StsError:
 
 def error_response(error: StsError) -> Response:
     """Render a refusal as its RFC 6749 §5.2 body with its status and headers; log the detail."""
+    count_store_error(services().metrics, error)
     level = logging.ERROR if error.status >= 500 else logging.INFO
     log.log(
         level,

@@ -9,14 +9,21 @@ logged, so a stop always ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
 
 SHUTDOWN_MARGIN_SECONDS = 3.0  # after the drain: lifespan shutdown, closing the store
 
@@ -43,3 +50,36 @@ class BoundedMultiprocess(Multiprocess):
                 log.error("worker %s did not stop within the drain deadline; killing it", worker.pid)
                 worker.kill()
                 worker.join()
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's restart of dead workers, then their metrics files marked dead (``sts.metrics``)."""
+        before = {worker.pid for worker in self.processes}
+        super().keep_subprocess_alive()
+        after = {worker.pid for worker in self.processes}
+        if before - after:
+            from sts.metrics import worker_exited
+
+            for pid in before - after:
+                worker_exited(pid)
+
+
+@contextlib.contextmanager
+def multiprocess_dir() -> Iterator[str]:
+    """A private ``PROMETHEUS_MULTIPROC_DIR`` for the workers of one ``sts serve``, removed on exit.
+
+    Always a fresh directory (mode 0700, from ``mkdtemp``): files left by another run would be summed
+    into this one's counters. It must be set before this process or any worker imports
+    prometheus_client (workers are spawned or forked later), which is why it lives here and not in
+    ``sts.metrics``.
+    """
+    directory = tempfile.mkdtemp(prefix="sts-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = directory
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+        shutil.rmtree(directory, ignore_errors=True)

@@ -36,6 +36,7 @@ from cryptography import x509
 from sts.config import Settings, load_settings
 from sts.errors import InvalidRequest, RequestTimeout, RequestTooLarge, StsError, TemporarilyUnavailable
 from sts.logsafe import configure_logging
+from sts.metrics import worker_exited
 from sts.web.app import StsHttp
 from sts.web.http import (
     MAX_HEAD_BYTES,
@@ -382,6 +383,7 @@ class _Supervisor:
                 time.sleep(0.05)
                 continue
             born = self._children.pop(pid, None)
+            worker_exited(pid)
             if self._stopping or born is None:
                 continue
             quick_deaths = quick_deaths + 1 if time.monotonic() - born < 5 else 0

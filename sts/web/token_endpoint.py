@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 from sts.errors import InvalidClient, InvalidRequest, RateLimited, StsError
 from sts.exchange import ExchangeRequest
+from sts.metrics import Metrics
 from sts.runtime import Services
+from sts.store import StoreUnavailable
 from sts.web.http import HttpRequest, HttpResponse, error_answer, json_response, parse_form
 
 log = logging.getLogger("sts.web")
@@ -27,6 +29,12 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 def request_id(supplied: str | None) -> str:
     """The caller's ``X-Request-Id`` when it is a safe token, else a fresh one."""
     return supplied if supplied is not None and REQUEST_ID.fullmatch(supplied) else secrets.token_hex(8)
+
+
+def count_store_error(metrics: Metrics | None, error: StsError) -> None:
+    """``sts_store_operation_errors_total``: counted where a store failure becomes a 503 answer."""
+    if metrics is not None and isinstance(error, StoreUnavailable):
+        metrics.store_error(error)
 
 
 def anonymous_refusal(services: Services, error: StsError, source: str, now: float) -> StsError | None:
@@ -80,8 +88,21 @@ class TokenEndpoint:
 
     def __init__(self, services: Services) -> None:
         self._services = services
+        self._metrics = services.metrics
 
     def handle(self, request: HttpRequest) -> HttpResponse:
+        """One answer; its duration observed in ``sts_token_exchange_duration_seconds`` (two clock
+        reads and one histogram update: the exchange itself is counted from its audit record)."""
+        metrics = self._metrics
+        if metrics is None:
+            return self._handle(request)
+        start = time.perf_counter()
+        try:
+            return self._handle(request)
+        finally:
+            metrics.observe_duration(time.perf_counter() - start)
+
+    def _handle(self, request: HttpRequest) -> HttpResponse:
         rid = request_id(request.headers.get("x-request-id"))
         exchange = self._services.exchange
 
@@ -145,6 +166,7 @@ class TokenEndpoint:
         return self._respond(200, issued.to_json(), rid, [("Pragma", "no-cache")])
 
     def _refusal(self, error: StsError, rid: str) -> HttpResponse:
+        count_store_error(self._metrics, error)
         level = logging.ERROR if error.status >= 500 else logging.INFO
         detail = f" [{error.detail}]" if error.detail else ""
         log.log(

@@ -1,6 +1,11 @@
 """Real SPIRE (v1.13.3) for the end-to-end tests: ``spire-server``, ``spire-agent`` and ``sts serve`` as
 real processes on loopback TCP and Unix sockets, each in a process group of its own.
 
+The SPIRE server and agent, the process runner and the deadlines are the product's own
+(:mod:`sts.dev.spire_real`, which ``sts dev --spire`` runs on), so the tests and the development
+environment run SPIRE the same way; this module adds what only tests need: building the binaries,
+workloads attested by gid, deployments of several shapes and the STS under test.
+
 Everything waits with a deadline (:func:`wait_for`); every process writes its log into its
 deployment's short temporary directory (Unix socket paths must stay under 107 bytes), and
 :data:`PROCESSES` remembers them so that a failing test can print their tails (``conftest.py``).
@@ -13,7 +18,6 @@ uid 0 with a primary gid of its own and no supplementary groups (:func:`run_as`)
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -26,55 +30,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import requests
 import yaml
 
+from sts.dev import spire_real
+from sts.dev.spire_real import (
+    CLI_TIMEOUT_SECONDS,
+    PROCESSES,
+    START_TIMEOUT_SECONDS,
+    STOP_TIMEOUT_SECONDS,
+    Entry,
+    Process,
+    SpireServer,
+    kill_all,
+    run_cli,
+    wait_for,
+)
 from tests.conftest import TEST_CATALOG, TEST_POLICIES, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "spire" / "real" / "build.sh"
 BUILD_TIMEOUT_SECONDS = 45 * 60.0  # a cold build is minutes on 2 cores (spire/real/build.sh)
-CLI_TIMEOUT_SECONDS = 30.0
-START_TIMEOUT_SECONDS = 30.0
-STOP_TIMEOUT_SECONDS = 10.0
 WORKLOAD_TIMEOUT_SECONDS = 60.0
 GO_MOD = REPO / "spire" / "real" / "go.mod"  # pins the SPIRE version build.sh builds
 TRUST_DOMAIN = "example.org"
 PARTNER = "partner.test"
 ADMIN = "spiffe://example.org/ops/sts-admin"
 
-T = TypeVar("T")
-
-
-class HarnessError(Exception):
-    """The real-SPIRE environment could not be brought up or driven; the message says why."""
-
-
-# --- waiting ------------------------------------------------------------------------------------
-
-
-def wait_for(what: str, check: Callable[[], T | None], *, timeout: float, interval: float = 0.1) -> T:
-    """The first truthy value of ``check()`` within ``timeout`` seconds, else :class:`HarnessError`
-    naming ``what`` and the last thing ``check`` answered or raised."""
-    deadline = time.monotonic() + timeout
-    last = "never checked"
-    while True:
-        try:
-            value = check()
-        except Exception as e:  # reported below, with the deadline
-            last = f"{type(e).__name__}: {e}"
-        else:
-            if value:
-                return value
-            last = repr(value)
-        if time.monotonic() >= deadline:
-            raise HarnessError(f"{what}: not within {timeout:.0f}s (last: {last[:2000]})")
-        time.sleep(interval)
+HarnessError = spire_real.SpireError  # what every wait, CLI call and start of the harness raises
 
 
 # --- binaries -----------------------------------------------------------------------------------
@@ -136,101 +124,7 @@ def spire_module_dir() -> Path:
 
 # --- processes ----------------------------------------------------------------------------------
 
-
-@dataclass
-class Process:
-    """One long-running child in a process group of its own, its output in ``log``."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    env: Mapping[str, str] | None = None
-    gid: int | None = None  # run with this primary gid and no supplementary groups
-    popen: subprocess.Popen[Any] | None = None
-
-    def start(self) -> None:
-        if self.alive():
-            raise HarnessError(f"{self.name} is already running")
-        with self.log.open("ab") as out:
-            out.write(f"\n=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
-            out.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=REPO,
-                env=dict(self.env) if self.env is not None else None,
-                group=self.gid,
-                extra_groups=[] if self.gid is not None else None,
-            )
-        PROCESSES.append(self)
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def check_alive(self) -> None:
-        if self.popen is not None and self.popen.poll() is not None:
-            raise HarnessError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
-
-    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-        """SIGTERM to the group, SIGKILL after ``timeout``; always reaps."""
-        self._signal_group(signal.SIGTERM, timeout)
-
-    def kill(self) -> None:
-        self._signal_group(signal.SIGKILL, STOP_TIMEOUT_SECONDS)
-
-    def _signal_group(self, sig: signal.Signals, timeout: float) -> None:
-        popen = self.popen
-        if popen is None:
-            return
-        if popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGKILL)  # whatever of the group is left (workers)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=timeout)
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError as e:
-            return f"(no log: {e})"
-        return "\n".join(text.splitlines()[-lines:])
-
-
-PROCESSES: list[Process] = []  # every process started, for the log tails of a failing test
 DIRECTORIES: list[Path] = []  # removed at the end of a session without failures (conftest.py)
-
-
-def kill_all() -> None:
-    """SIGKILL every process group still running (a session that ends without its teardown)."""
-    for process in PROCESSES:
-        if process.alive() and process.popen is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.popen.pid, signal.SIGKILL)
-
-
-atexit.register(kill_all)
-
-
-def run_cli(argv: Sequence[str], *, timeout: float = CLI_TIMEOUT_SECONDS, check: bool = True) -> str:
-    """A short-lived command; its stdout. Non-zero exit (with ``check``) or overtime: HarnessError."""
-    try:
-        done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
-        )
-    except subprocess.TimeoutExpired as e:
-        raise HarnessError(f"{' '.join(argv)}: no answer within {timeout:.0f}s") from e
-    if check and done.returncode != 0:
-        raise HarnessError(
-            f"{' '.join(argv)} exited {done.returncode}: {(done.stderr or done.stdout).strip()[-2000:]}"
-        )
-    return done.stdout
 
 
 def short_tempdir(prefix: str = "sp-") -> Path:
@@ -241,243 +135,11 @@ def short_tempdir(prefix: str = "sp-") -> Path:
     return directory
 
 
-# --- SPIRE server -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    entry_id: str
-    spiffe_id: str
-    gid: int | None
-
-
-class SpireServer:
-    """``spire-server run``: SQLite datastore, memory key manager, join_token node attestor."""
-
-    def __init__(
-        self,
-        bin_dir: Path,
-        directory: Path,
-        trust_domain: str = TRUST_DOMAIN,
-        *,
-        upstream: tuple[Path, Path] | None = None,
-        default_x509_svid_ttl: str = "1h",
-        default_jwt_svid_ttl: str = "5m",
-        ca_ttl: str = "24h",
-        jwt_issuer: str | None = None,
-    ) -> None:
-        self.bin = bin_dir / "spire-server"
-        self.directory = directory
-        self.trust_domain = trust_domain
-        self.port = free_port()
-        self.socket = directory / "server.sock"
-        self.data_dir = directory / "server"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config = directory / "server.conf"
-        self._upstream = upstream
-        self._settings = {
-            "default_x509_svid_ttl": default_x509_svid_ttl,
-            "default_jwt_svid_ttl": default_jwt_svid_ttl,
-            "ca_ttl": ca_ttl,
-        }
-        self._jwt_issuer = jwt_issuer
-        self.process = Process(
-            f"spire-server {trust_domain}",
-            [str(self.bin), "run", "-config", str(self.config)],
-            directory / "server.log",
-        )
-        if len(str(self.socket)) >= 100:
-            raise HarnessError(f"socket path too long for a Unix socket: {self.socket}")
-
-    def write_config(self) -> None:
-        issuer = f'  jwt_issuer = "{self._jwt_issuer}"\n' if self._jwt_issuer else ""
-        upstream = ""
-        if self._upstream is not None:
-            cert, key = self._upstream
-            upstream = (
-                '  UpstreamAuthority "disk" {\n    plugin_data {\n'
-                f'      cert_file_path = "{cert}"\n      key_file_path = "{key}"\n    }}\n  }}\n'
-            )
-        settings = "".join(f'  {k} = "{v}"\n' for k, v in self._settings.items())
-        self.config.write_text(
-            "server {\n"
-            '  bind_address = "127.0.0.1"\n'
-            f'  bind_port = "{self.port}"\n'
-            f'  socket_path = "{self.socket}"\n'
-            f'  trust_domain = "{self.trust_domain}"\n'
-            f'  data_dir = "{self.data_dir}"\n'
-            '  log_level = "DEBUG"\n'
-            f"{settings}{issuer}"
-            '  experimental {\n    cache_reload_interval = "1s"\n  }\n'
-            "}\n"
-            "plugins {\n"
-            '  DataStore "sql" {\n    plugin_data {\n      database_type = "sqlite3"\n'
-            f'      connection_string = "{self.data_dir / "datastore.sqlite3"}"\n    }}\n  }}\n'
-            '  KeyManager "memory" {\n    plugin_data {}\n  }\n'
-            '  NodeAttestor "join_token" {\n    plugin_data {}\n  }\n'
-            f"{upstream}"
-            "}\n"
-        )
-
-    def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
-        self.write_config()
-        self.process.start()
-
-        def healthy() -> bool:
-            self.process.check_alive()
-            run_cli([str(self.bin), "healthcheck", "-socketPath", str(self.socket)], timeout=5)
-            return True
-
-        wait_for(f"{self.process.name} healthy", healthy, timeout=timeout, interval=0.2)
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def cli(self, *args: str, timeout: float = CLI_TIMEOUT_SECONDS) -> str:
-        return run_cli([str(self.bin), *args, "-socketPath", str(self.socket)], timeout=timeout)
-
-    def cli_json(self, *args: str) -> Any:
-        return json.loads(self.cli(*args, "-output", "json"))
-
-    # bundles
-
-    def bundle_show(self, fmt: str = "pem") -> str:
-        return self.cli("bundle", "show", "-format", fmt)
-
-    def bundle_set(self, trust_domain: str, content: str, fmt: str = "spiffe") -> None:
-        path = self.directory / f"bundle-set-{trust_domain}-{time.monotonic_ns()}.json"
-        path.write_text(content)
-        self.cli("bundle", "set", "-format", fmt, "-id", f"spiffe://{trust_domain}", "-path", str(path))
-
-    # attestation and entries
-
-    def token_generate(self, alias: str, ttl: int = 600) -> str:
-        answer = self.cli_json("token", "generate", "-spiffeID", alias, "-ttl", str(ttl))
-        return str(answer["value"])
-
-    def entry_create(
-        self,
-        spiffe_id: str,
-        parent_id: str,
-        selectors: Iterable[str],
-        *,
-        dns: Iterable[str] = (),
-        federates_with: Iterable[str] = (),
-        x509_svid_ttl: int | None = None,
-        jwt_svid_ttl: int | None = None,
-        entry_id: str | None = None,
-    ) -> str:
-        """``entry create``; the new entry's ID."""
-        args = ["entry", "create", "-spiffeID", spiffe_id, "-parentID", parent_id]
-        for selector in selectors:
-            args += ["-selector", selector]
-        for name in dns:
-            args += ["-dns", name]
-        for domain in federates_with:
-            args += ["-federatesWith", domain]
-        if x509_svid_ttl is not None:
-            args += ["-x509SVIDTTL", str(x509_svid_ttl)]
-        if jwt_svid_ttl is not None:
-            args += ["-jwtSVIDTTL", str(jwt_svid_ttl)]
-        if entry_id is not None:
-            args += ["-entryID", entry_id]
-        answer = self.cli_json(*args)
-        result = answer["results"][0]
-        if result["status"]["code"] != 0:
-            raise HarnessError(f"entry create {spiffe_id}: {result['status']}")
-        return str(result["entry"]["id"])
-
-    def entry_delete(self, entry_id: str) -> None:
-        self.cli("entry", "delete", "-entryID", entry_id)
-
-    def jwt_mint(self, spiffe_id: str, audience: str, ttl: str = "120s") -> str:
-        return self.cli("jwt", "mint", "-spiffeID", spiffe_id, "-audience", audience, "-ttl", ttl).strip()
-
-    # local authorities (`localauthority jwt|x509 show|prepare|activate|taint|revoke`)
-
-    def authorities(self, kind: str) -> dict[str, str]:
-        """``{"active": id, "prepared": id, "old": id}`` (those present) for ``jwt`` or ``x509``."""
-        shown = self.cli_json("localauthority", kind, "show")
-        return {slot: str(value["authority_id"]) for slot, value in shown.items() if value}
-
-    def localauthority(self, kind: str, action: str, authority_id: str | None = None) -> dict[str, Any]:
-        args = ["localauthority", kind, action]
-        if authority_id is not None:
-            args += ["-authorityID", authority_id]
-        answer: dict[str, Any] = self.cli_json(*args)
-        return answer
-
-
 # --- SPIRE agent --------------------------------------------------------------------------------
 
 
-class SpireAgent:
-    """``spire-agent run -joinToken``: unix workload attestor, 1 s sync; socket ``<dir>/<name>.sock``."""
-
-    def __init__(self, bin_dir: Path, directory: Path, server: SpireServer, name: str = "agent") -> None:
-        self.bin = bin_dir / "spire-agent"
-        self.directory = directory
-        self.server = server
-        self.name = name
-        self.socket = directory / f"{name}.sock"
-        self.data_dir = directory / name
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config = directory / f"{name}.conf"
-        self.bootstrap = directory / f"{name}-bootstrap.crt"
-        self.process: Process | None = None
-        if len(str(self.socket)) >= 100:
-            raise HarnessError(f"socket path too long for a Unix socket: {self.socket}")
-
-    @property
-    def workload_api(self) -> str:
-        return f"unix://{self.socket}"
-
-    def write_config(self) -> None:
-        self.config.write_text(
-            "agent {\n"
-            f'  data_dir = "{self.data_dir}"\n'
-            '  log_level = "DEBUG"\n'
-            '  server_address = "127.0.0.1"\n'
-            f'  server_port = "{self.server.port}"\n'
-            f'  socket_path = "{self.socket}"\n'
-            f'  trust_bundle_path = "{self.bootstrap}"\n'
-            f'  trust_domain = "{self.server.trust_domain}"\n'
-            '  experimental {\n    sync_interval = "1s"\n  }\n'
-            "}\n"
-            "plugins {\n"
-            '  NodeAttestor "join_token" {\n    plugin_data {}\n  }\n'
-            '  KeyManager "memory" {\n    plugin_data {}\n  }\n'
-            '  WorkloadAttestor "unix" {\n    plugin_data {\n      discover_workload_path = false\n    }\n  }\n'
-            "}\n"
-        )
-
-    def start(self, join_token: str, timeout: float = START_TIMEOUT_SECONDS) -> None:
-        """Attest with a fresh one-time ``join_token`` (the memory key manager forgets the agent's key
-        when it stops, so a restart needs a new token) and wait until the Workload API answers."""
-        self.write_config()
-        self.bootstrap.write_text(self.server.bundle_show())
-        self.process = Process(
-            f"spire-agent {self.name}",
-            [str(self.bin), "run", "-config", str(self.config), "-joinToken", join_token],
-            self.directory / f"{self.name}.log",
-        )
-        self.process.start()
-        process = self.process
-
-        def healthy() -> bool:
-            process.check_alive()
-            run_cli([str(self.bin), "healthcheck", "-socketPath", str(self.socket)], timeout=5)
-            return True
-
-        wait_for(f"{process.name} healthy", healthy, timeout=timeout, interval=0.2)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
+class SpireAgent(spire_real.SpireAgent):
+    """The product's agent (:class:`sts.dev.spire_real.SpireAgent`), plus what it serves a given gid."""
 
     def served_ids(self, gid: int = 0) -> list[str]:
         """The SPIFFE IDs (X.509-SVIDs) this agent serves a process of uid 0 and ``gid``."""
@@ -796,6 +458,7 @@ class Sts:
             self.directory / f"{name}.log",
             env=env,
             gid=self.gid,
+            cwd=REPO,
         )
 
     def start(self, server_ca: str | None = None, timeout: float = START_TIMEOUT_SECONDS) -> None:
@@ -894,3 +557,45 @@ def raw_x509_svid_response(socket_uri: str, timeout: float = 10.0) -> Any:
             return next(iter(stream))
         finally:
             stream.cancel()
+
+
+# The tests import everything SPIRE from here, the product's pieces (sts.dev.spire_real) included.
+__all__ = [
+    "ADMIN",
+    "BUILD_SCRIPT",
+    "BUILD_TIMEOUT_SECONDS",
+    "CLI_TIMEOUT_SECONDS",
+    "DIRECTORIES",
+    "GO_MOD",
+    "HOST_ID",
+    "PARTNER",
+    "PROCESSES",
+    "REPO",
+    "START_TIMEOUT_SECONDS",
+    "STOP_TIMEOUT_SECONDS",
+    "STS_ID",
+    "TRUST_DOMAIN",
+    "WORKLOADS",
+    "WORKLOAD_TIMEOUT_SECONDS",
+    "Deployment",
+    "Entry",
+    "HarnessError",
+    "Process",
+    "SpireAgent",
+    "SpireServer",
+    "Sts",
+    "Workload",
+    "WorkloadSession",
+    "deployment",
+    "kill_all",
+    "raw_x509_svid_response",
+    "remove_directories",
+    "run_as",
+    "run_cli",
+    "short_tempdir",
+    "spire_bin",
+    "spire_module_dir",
+    "spire_version",
+    "tls_peer_chain",
+    "wait_for",
+]
