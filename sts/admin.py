@@ -12,8 +12,11 @@ Must not import Flask.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from sts.audit import AuditLog
@@ -22,13 +25,17 @@ from sts.catalog import Catalog, is_scope_token
 from sts.errors import InvalidRequest, InvalidScope, InvalidTarget, NotFound
 from sts.introspection import REVOCATION_MARGIN_SECONDS
 from sts.spiffeid import SpiffeId, SpiffeIdError
-from sts.store import ExceptionGrant, Store, SubjectRevocation
+from sts.store import ExceptionGrant, Store, SubjectRevocation, TaskRecord, TokenRecord
 from sts.strict_json import is_text
 
 MAX_REASON_CHARS = 500
 MAX_KILL_LIST = 1000
 MAX_EXCEPTION_SECONDS = 7 * 24 * 3600
 MAX_FUTURE_SECONDS = 366 * 24 * 3600
+# The live view answers at most this many rows per call (``limit``; default DEFAULT_LIMIT).
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+_LIMIT = re.compile(r"[0-9]{1,4}")
 
 
 class Admin:
@@ -193,6 +200,224 @@ class Admin:
         current = time.time() if now is None else now
         return [exception_json(g, current) for g in self._store.exceptions()]
 
+    # The live view: read-only, bounded (``limit`` ≤ MAX_LIMIT), every call audited with its caller.
+
+    def view(
+        self,
+        caller: Caller,
+        what: str,
+        query: Mapping[str, str],
+        *,
+        request_id: str,
+        now: float | None = None,
+    ) -> dict[str, Any]:
+        """``tasks``, ``tokens``, ``revocations`` or ``exceptions``, filtered by ``query`` (validated)."""
+        current = time.time() if now is None else now
+        result: dict[str, Any]
+        if what == "tasks":
+            fields = _query(query, {"assignee", "active", "limit"})
+            assignee = str(_spiffe_id(fields["assignee"], "assignee")) if "assignee" in fields else None
+            active = _flag(fields.get("active"), "active")
+            tasks = self._store.list_tasks(
+                now=current, assignee=assignee, active_only=active, limit=_limit(fields)
+            )
+            result = {"tasks": [_task_view(t, current) for t in tasks]}
+        elif what == "tokens":
+            fields = _query(query, {"spiffe_id", "task_id", "limit"})
+            if ("spiffe_id" in fields) == ("task_id" in fields):
+                raise InvalidRequest("name exactly one of spiffe_id or task_id")
+            if "spiffe_id" in fields:
+                sub = str(_spiffe_id(fields["spiffe_id"], "spiffe_id"))
+                tokens = self._store.tokens(spiffe_id=sub, limit=_limit(fields))
+            else:
+                tokens = self._store.tokens(
+                    task_id=_text_id(fields["task_id"], "task_id"), limit=_limit(fields)
+                )
+            result = {"tokens": [self._token_view(t, current) for t in tokens]}
+        elif what == "revocations":
+            fields = _query(query, {"limit"})
+            kept = self._store.subject_revocations(limit=_limit(fields))
+            result = {"revocations": [revocation_json(r, current) for r in kept]}
+        else:
+            fields = _query(query, {"spiffe_id", "limit"})
+            of = str(_spiffe_id(fields["spiffe_id"], "spiffe_id")) if "spiffe_id" in fields else None
+            grants = self._store.exceptions(of)[: _limit(fields)]
+            result = {"exceptions": [exception_json(g, current) for g in grants]}
+        self._audit_view(caller, what, fields, request_id, current)
+        return result
+
+    def task(
+        self, caller: Caller, task_id: str, query: Mapping[str, str], *, request_id: str
+    ) -> dict[str, Any]:
+        """One task with its (unexpired) tokens, each with whether it is revoked."""
+        current = time.time()
+        fields = _query(query, {"limit"})
+        task = self._store.get_task(_text_id(task_id, "task_id"))
+        if task is None:
+            raise NotFound("no such task")
+        tokens = self._store.tokens(task_id=task.id, limit=_limit(fields))
+        self._audit_view(caller, "task", {"task_id": task.id}, request_id, current)
+        return {**_task_view(task, current), "tokens": [self._token_view(t, current) for t in tokens]}
+
+    def withdraw_exception(
+        self, caller: Caller, grant_id: str, body: Any, *, request_id: str, now: float | None = None
+    ) -> dict[str, Any]:
+        """End a break-glass exception now: it opens no more exchanges, and every token issued under it
+        (the token index knows which) is revoked, so introspection answers inactive at once."""
+        current = int(time.time() if now is None else now)
+        reason = _reason(_object(body, {"reason"}))
+        grant = self._store.withdraw_exception(
+            _text_id(grant_id, "exception_id"), at=current, by=str(caller.spiffe_id), reason=reason
+        )
+        if grant is None:
+            raise NotFound("no such exception")
+        ended = [
+            t
+            for t in self._store.tokens(spiffe_id=grant.spiffe_id, limit=MAX_LIMIT * 10)
+            if t.exception_id == grant.id
+        ]
+        for token in ended:
+            self._store.revoke_jti(token.jti, expires_at=token.expires_at + REVOCATION_MARGIN_SECONDS)
+        result = {**exception_json(grant, current), "tokens_revoked": len(ended)}
+        self._audit.record(
+            {
+                "event": "exception_withdrawn",
+                "decision": "allow",
+                "request_id": request_id,
+                "caller": str(caller.spiffe_id),
+                **result,
+                "reason": reason,
+            },
+            now=current,
+        )
+        return result
+
+    def lift_revocation(
+        self, caller: Caller, body: Any, *, request_id: str, now: float | None = None
+    ) -> dict[str, Any]:
+        """``unrevoke-workload``: the SPIFFE ID may get new tokens from now on. Tokens issued before its
+        kill switch stay inactive (the record is kept, with ``until`` now, until they have expired)."""
+        current = int(time.time() if now is None else now)
+        fields = _object(body, {"spiffe_id", "reason"})
+        reason = _reason(fields)
+        spiffe_id = str(_spiffe_id(fields.get("spiffe_id"), "spiffe_id"))
+        existing = self._store.subject_revocation(spiffe_id)
+        if existing is None or not existing.blocks_issuance(current):
+            raise NotFound("no kill switch in force for this spiffe_id")
+        lifted = dataclasses.replace(existing, until=current)
+        self._store.revoke_subject(lifted, keep_until=current + self._max_token_ttl)
+        result = {"lifted": spiffe_id, "revoked_at": existing.revoked_at, "at": current}
+        self._audit.record(
+            {
+                "event": "admin_revocation_lifted",
+                "decision": "allow",
+                "request_id": request_id,
+                "caller": str(caller.spiffe_id),
+                "reason": reason,
+                "previous_until": existing.until,
+                **result,
+            },
+            now=current,
+        )
+        return result
+
+    def _token_view(self, token: TokenRecord, now: float) -> dict[str, Any]:
+        state = self._store.token_state(token.jti, token.task_id, token.spiffe_id)
+        revocation = state.subject_revocation
+        cut_off = revocation is not None and (
+            token.issued_at <= revocation.revoked_at or revocation.blocks_issuance(now)
+        )
+        task_over = token.task_id is not None and (state.task is None or state.task.status(now) != "active")
+        return {
+            "jti": token.jti,
+            "spiffe_id": token.spiffe_id,
+            "task_id": token.task_id,
+            "target": token.target,
+            "token_class": token.token_class,
+            "issued_at": token.issued_at,
+            "exp": token.expires_at,
+            "binding": token.binding,
+            "exception_id": token.exception_id,
+            # Inactive the way introspection sees it: its jti, its task ended, or its subject cut off.
+            "revoked": state.jti_revoked or cut_off or task_over,
+        }
+
+    def _audit_view(
+        self, caller: Caller, what: str, fields: Mapping[str, str], request_id: str, now: float
+    ) -> None:
+        self._audit.record(
+            {
+                "event": "admin_view",
+                "decision": "allow",
+                "request_id": request_id,
+                "caller": str(caller.spiffe_id),
+                "view": what,
+                **{f"query_{k}": v for k, v in fields.items()},
+            },
+            now=now,
+        )
+
+
+def revocation_json(revocation: SubjectRevocation, now: float) -> dict[str, Any]:
+    return {
+        "spiffe_id": revocation.spiffe_id,
+        "revoked_at": revocation.revoked_at,
+        "until": revocation.until,
+        "by": revocation.by,
+        "reason": revocation.reason,
+        "in_force": revocation.blocks_issuance(now),
+    }
+
+
+def _task_view(task: TaskRecord, now: float) -> dict[str, Any]:
+    return {
+        "task_id": task.id,
+        "creator": task.creator,
+        "assignee": task.assignee,
+        "purpose": task.purpose,
+        "targets": [{"target": t.target, "scopes": sorted(t.scopes)} for t in task.targets],
+        "created_at": task.created_at,
+        "deadline": task.deadline,
+        "status": task.status(now),
+        "completed_at": task.completed_at,
+        "completed_by": task.completed_by,
+    }
+
+
+def _query(query: Mapping[str, str], known: set[str]) -> dict[str, str]:
+    """Query parameters: only known names, and each once (a repeated one is ambiguous)."""
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown parameter '{unknown[0][:64]}' (known: {', '.join(sorted(known))})")
+    fields = dict(query)
+    for name, value in fields.items():
+        if not is_text(value) or len(value) > 2048:
+            raise InvalidRequest(f"{name} must be at most 2048 characters of text")
+    return fields
+
+
+def _limit(fields: Mapping[str, str]) -> int:
+    value = fields.get("limit")
+    if value is None:
+        return DEFAULT_LIMIT
+    if not _LIMIT.fullmatch(value) or not 1 <= int(value) <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(value)
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value in (None, "", "0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise InvalidRequest(f"{name} must be 1 or 0")
+
+
+def _text_id(value: str, name: str) -> str:
+    if not is_text(value) or not value or len(value) > 2048:
+        raise InvalidRequest(f"{name} must be a non-empty string")
+    return value
+
 
 def exception_json(grant: ExceptionGrant, now: float) -> dict[str, Any]:
     return {
@@ -204,7 +429,10 @@ def exception_json(grant: ExceptionGrant, now: float) -> dict[str, Any]:
         "granted_by": grant.granted_by,
         "created_at": grant.created_at,
         "expires_at": grant.expires_at,
-        "status": "active" if grant.active(now) else "expired",
+        "status": grant.status(now),
+        "withdrawn_at": grant.withdrawn_at,
+        "withdrawn_by": grant.withdrawn_by,
+        "withdraw_reason": grant.withdraw_reason,
     }
 
 

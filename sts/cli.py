@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sts.audit_query import add_audit_query_commands
 from sts.config import CONFIG_ENV, Settings, load_settings
 from sts.errors import ConfigError, StsError
 from sts.logsafe import configure_logging
@@ -145,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
         default=8443,
         help="the plain HTTP listener; the TLS (mTLS) listener uses --port + 1",
     )
+    dev.add_argument(
+        "--spire",
+        action="store_true",
+        help="on a real SPIRE server and agents (built by `make spire`; STS_SPIRE_BIN overrides) "
+        "instead of the development Workload API server",
+    )
     dev.set_defaults(run=_dev)
 
     demo = _command(commands, "demo", "play the whole agent story against sts dev, step by step")
@@ -173,11 +180,15 @@ def _parser() -> argparse.ArgumentParser:
     verify = _command(audit, "verify", "check the hash chains of an audit log")
     verify.add_argument("file", type=Path, help="the audit log (JSON lines)")
     verify.set_defaults(run=_audit_verify)
+    add_audit_query_commands(audit)
 
     admin = _command(commands, "admin", "administrator actions on a running STS").add_subparsers(
         title="admin commands"
     )
     _admin_store_loss(admin)
+    from sts.admin_cli import add_admin_commands
+
+    add_admin_commands(admin)  # the live view and commands (sts.admin_cli)
     return parser
 
 
@@ -293,10 +304,22 @@ def _settings(path: Path) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Check everything in this process (keys made, policies validated), then start the workers."""
-    from sts.runtime import build_services
+    """Check everything in this process (keys made, policies validated), then start the workers.
+
+    The workers share one private metrics directory (``PROMETHEUS_MULTIPROC_DIR``), made before
+    anything imports prometheus_client and removed when serving ends (``sts.metrics``)."""
+    from sts.web.supervisor import multiprocess_dir
 
     settings = _settings(args.config)
+    if not settings.metrics.enabled:
+        return _serve_checked(args, settings)
+    with multiprocess_dir():
+        return _serve_checked(args, settings)
+
+
+def _serve_checked(args: argparse.Namespace, settings: Settings) -> int:
+    from sts.runtime import build_services
+
     check_port_free(settings.listen.host, settings.listen.port, "listen.port")
     services = build_services(settings, connect=False)  # checks everything; workers connect themselves
     services.close()
@@ -463,7 +486,7 @@ def _dev(args: argparse.Namespace) -> int:
     from sts.dev.environment import run
 
     configure_logging("INFO")
-    return run(args.state_dir, args.port)
+    return run(args.state_dir, args.port, spire=args.spire)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ from sts.errors import (
 from sts.keys import KeyRing
 from sts.policy import SVID_SUBJECT, Decision, Policy, PolicyRequest, TaskFacts
 from sts.spiffeid import SpiffeId, SpiffeIdError
-from sts.store import RETENTION_SECONDS, Store, TaskRecord
+from sts.store import RETENTION_SECONDS, Budget, Store, TaskRecord, TokenRecord
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
 from sts.tasks import TaskService
 
@@ -372,15 +372,15 @@ class TokenExchange:
         )
         decision = self._decide(policy_request, trail)
 
-        if task is not None and not self.store.take_budget(
-            f"budget:{task.id}",
-            limit=self.limits.tokens_per_task,
-            expires_at=task.deadline + RETENTION_SECONDS,
-        ):
-            raise RateLimited(
-                f"the task's token budget ({self.limits.tokens_per_task}) is spent",
-                retry_after=max(1, int(task.deadline - now)),
+        budget = (
+            Budget(
+                f"budget:{task.id}",
+                limit=self.limits.tokens_per_task,
+                expires_at=task.deadline + RETENTION_SECONDS,
             )
+            if task is not None
+            else None
+        )
         return self._mint(
             entry,
             scopes,
@@ -396,6 +396,8 @@ class TokenExchange:
             policy_ttl=decision.ttl_seconds,
             trail=trail,
             now=now,
+            budget=budget,
+            exception_id=exception.id if exception is not None else None,
         )
 
     def _decide(self, request: PolicyRequest, trail: _Trail) -> Decision:
@@ -445,8 +447,15 @@ class TokenExchange:
         policy_ttl: int | None,
         trail: _Trail,
         now: float,
+        budget: Budget | None = None,
+        exception_id: str | None = None,
     ) -> IssuedToken:
-        """Build the RFC 9068 claims and sign them; ``exp`` never outlives the subject SVID (DESIGN.md)."""
+        """Build the RFC 9068 claims and sign them; ``exp`` never outlives the subject SVID (DESIGN.md).
+
+        The token is indexed for the operators' live view (``Store.record_token``) in the same store
+        write that takes the task's budget, so a task exchange costs no extra round trip; a spent budget
+        refuses (429) with nothing recorded.
+        """
         issued_at = int(now)
         lifetimes = [entry.max_ttl, self.max_ttl] + ([policy_ttl] if policy_ttl is not None else [])
         # A delegated token lives no longer than either party's SVID.
@@ -480,6 +489,24 @@ class TokenExchange:
             claims["cnf"] = cnf
         if act is not None:
             claims["act"] = act
+        binding = "dpop" if "jkt" in cnf else ("mtls" if cnf else "none")
+        record = TokenRecord(
+            jti=jti,
+            spiffe_id=claims["sub"],
+            target=entry.id,
+            token_class=entry.token_class.value,
+            issued_at=issued_at,
+            expires_at=expires_at,
+            binding=binding,
+            task_id=claims.get("task_id"),
+            exception_id=exception_id,
+        )
+        if not self.store.record_token(record, budget=budget):
+            # Only a budget (so a task) refuses.
+            raise RateLimited(
+                f"the task's token budget ({self.limits.tokens_per_task}) is spent",
+                retry_after=max(1, int((task.deadline if task else expires_at) - now)),
+            )
         token = self.keys.sign(entry.token_class, claims)
         trail.fields.update(jti=jti, exp=expires_at, kid=self.keys.active(entry.token_class).kid)
         return IssuedToken(
@@ -493,7 +520,7 @@ class TokenExchange:
             target=entry.id,
             token_class=entry.token_class.value,
             task_id=claims.get("task_id"),
-            binding="dpop" if "jkt" in cnf else ("mtls" if cnf else "none"),
+            binding=binding,
         )
 
     def _check_rate(self, spiffe_id: SpiffeId, now: float) -> None:

@@ -248,6 +248,38 @@ def test_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
     assert not (state_dir / "dev.lock").exists()
 
 
+def _admin_command(dev: DevEnvironment, workload: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    tls_base = dev.description["mtls_token_endpoint"].removesuffix("/token")
+    socket = dev.description["workloads"][workload]["socket"]
+    command = [sys.executable, "-m", "sts.cli", "admin", *arguments, "--issuer", tls_base, "--socket", socket]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_admin_commands_authenticate_with_the_admins_x509_svid(dev: DevEnvironment) -> None:
+    """``--mtls``: the admin's X.509-SVID from its Workload API socket is the client certificate on the
+    TLS listener (RFC 8705 §2.2), the server verified with the trust bundle the same socket gives."""
+    listed = _admin_command(dev, "admin", "revocations", "--mtls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert isinstance(json.loads(listed.stdout), dict)
+    revoked = _admin_command(
+        dev, "admin", "revoke", "--mtls", "--jti", "jti-from-test-dev", "--reason", "mTLS admin test"
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    records = [json.loads(line) for line in (dev.state_dir / "audit.jsonl").read_text().splitlines()]
+    assert any(
+        record.get("event") == "admin_revocation" and record.get("jti") == "jti-from-test-dev"
+        for record in records
+    ), records[-3:]
+
+
+def test_an_x509_svid_that_is_not_an_admins_is_refused(dev: DevEnvironment) -> None:
+    refused = _admin_command(dev, "agent", "revocations", "--mtls")
+    assert refused.returncode == 1, refused.stderr
+    assert "403" in refused.stderr and "access_denied" in refused.stderr
+    unusable = _admin_command(dev, "admin", "revocations", "--mtls", "--svid-file", "/dev/null")
+    assert unusable.returncode == 2 and "--mtls" in unusable.stderr
+
+
 def test_ctrl_c_stops_everything_and_removes_the_sockets(dev: DevEnvironment) -> None:
     dev.process.send_signal(signal.SIGINT)
     assert dev.process.wait(timeout=20) == 0

@@ -585,6 +585,7 @@ def test_redis_keys_expire_at_the_records_end(redis_server: RedisServer, clock: 
     assert {key: raw.expiretime(key) for key in keys} == {
         "sts:task:task-1": now + 600 + RETENTION_SECONDS,
         "sts:task-done:task-1": now + 600 + RETENTION_SECONDS,
+        "sts:tasks": now + 600 + RETENTION_SECONDS,  # the live view's task index
         "sts:jti:jti-1": now + 300,
         f"sts:subject:{AGENT}": now + 120,
         f"sts:subject:{OTHER}": -1,  # kept until lifted

@@ -3,8 +3,10 @@
 Three backends implement :class:`Store`: ``memory://`` (tests, one process), ``sqlite:///path`` (the
 embedded default: WAL, survives restarts, safe across worker processes) and ``redis://`` (replicas).
 Every record carries the time it stops mattering, so storage stays bounded by live tasks and tokens.
-Issued tokens themselves are not stored: a token is inactive when its ``jti`` is revoked, its task is
-over, or its subject is cut off, and each of those is one small record.
+Issued tokens are not needed to decide anything: a token is inactive when its ``jti`` is revoked, its
+task is over, or its subject is cut off, and each of those is one small record. For the operators' live
+view each issued token is also indexed (:class:`TokenRecord`, by task and by subject), written in the
+same store write as the task budget when there is one, and dropped when the token expires.
 
 A backend that cannot answer raises :class:`StoreUnavailable` (``temporarily_unavailable``, 503): the
 callers refuse rather than guess (fail closed).
@@ -36,17 +38,32 @@ RETENTION_SECONDS = 24 * 3600
 
 
 class StoreUnavailable(TemporarilyUnavailable):
-    """The state store did not answer; nothing is decided without it."""
+    """The state store did not answer; nothing is decided without it.
 
-    def __init__(self, detail: str) -> None:
+    ``backend`` (``memory``, ``sqlite``, ``redis``) and ``operation`` (the store method) are set by the
+    backend that raises it, so ``sts_store_operation_errors_total{backend, operation}`` can say which
+    store call is failing without parsing ``detail``.
+    """
+
+    def __init__(self, detail: str, *, backend: str = "unknown", operation: str = "unknown") -> None:
         super().__init__("state store unavailable", detail=detail)
+        self.backend = backend
+        self.operation = operation
+
+
+def label(exc: StoreUnavailable, backend: str, operation: str) -> None:
+    """Fill in where a StoreUnavailable raised below a backend method happened (left alone if known)."""
+    if exc.backend == "unknown":
+        exc.backend = backend
+    if exc.operation == "unknown":
+        exc.operation = operation
 
 
 class StoreLost(StoreUnavailable):
     """The shared store lost what it held; kill switches cannot be proven until an admin acknowledges."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
+    def __init__(self, detail: str, *, backend: str = "unknown", operation: str = "unknown") -> None:
+        super().__init__(detail, backend=backend, operation=operation)
         self.description = (
             "the state store lost its data; exchanges resume once an administrator acknowledges the loss"
         )
@@ -117,9 +134,44 @@ class ExceptionGrant:
     granted_by: str
     created_at: int
     expires_at: int
+    # Withdrawn early by an administrator (``sts admin withdraw-exception``): inactive from then on.
+    withdrawn_at: int | None = None
+    withdrawn_by: str | None = None
+    withdraw_reason: str | None = None
 
     def active(self, now: float) -> bool:
-        return self.created_at <= now < self.expires_at
+        ends = self.expires_at if self.withdrawn_at is None else min(self.expires_at, self.withdrawn_at)
+        return self.created_at <= now < ends
+
+    def status(self, now: float) -> str:
+        """``active``, ``withdrawn`` or ``expired`` at ``now``."""
+        if self.active(now):
+            return "active"
+        return "withdrawn" if self.withdrawn_at is not None and self.withdrawn_at <= now else "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """One issued token in the live view's index (never the token itself): kept until ``expires_at``."""
+
+    jti: str
+    spiffe_id: str  # its ``sub``
+    target: str
+    token_class: str
+    issued_at: int
+    expires_at: int
+    binding: str  # "none", "dpop" or "mtls"
+    task_id: str | None = None
+    exception_id: str | None = None  # the break-glass exception it was issued under, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A task's token budget, taken in the same store write that records the token."""
+
+    key: str
+    limit: int
+    expires_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +275,9 @@ class Store(Protocol):
     def complete_task(self, task_id: str, *, at: int, by: str) -> TaskRecord | None:
         """Mark the task completed (the first completion wins, later calls return it); None if unknown."""
 
+    def active_task_count(self, now: float) -> int:
+        """How many tasks are active at ``now`` (not completed, deadline not reached): a gauge."""
+
     # Revocation
     def revoke_jti(self, jti: str, *, expires_at: int) -> None:
         """Remember ``jti`` as revoked until the token would have expired anyway."""
@@ -241,6 +296,27 @@ class Store(Protocol):
 
     def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:
         """Grants of one workload (or all), active and recently expired, oldest first."""
+
+    def withdraw_exception(self, grant_id: str, *, at: int, by: str, reason: str) -> ExceptionGrant | None:
+        """End a grant early (the first withdrawal wins, later calls return it); None if unknown."""
+
+    def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
+        """Kill switches still kept (in force, or still ending older tokens), newest first."""
+
+    # The live view
+    def list_tasks(
+        self, *, now: float, assignee: str | None = None, active_only: bool = False, limit: int
+    ) -> list[TaskRecord]:
+        """Tasks still kept (optionally one assignee's, optionally active at ``now`` only), newest first."""
+
+    def record_token(self, token: TokenRecord, *, budget: Budget | None = None) -> bool:
+        """Index an issued token until it expires, taking one unit of ``budget`` in the same write;
+        False (nothing recorded, nothing taken) when the budget is spent."""
+
+    def tokens(
+        self, *, task_id: str | None = None, spiffe_id: str | None = None, limit: int
+    ) -> list[TokenRecord]:
+        """Unexpired indexed tokens of one task or one subject (exactly one is given), newest first."""
 
     # Counters shared by every replica
     def count_in_window(self, key: str, *, window: int, now: float) -> int:
@@ -269,7 +345,7 @@ class Store(Protocol):
 
 
 def record_json(
-    record: TaskRecord | SubjectRevocation | ExceptionGrant, *, omit: tuple[str, ...] = ()
+    record: TaskRecord | SubjectRevocation | ExceptionGrant | TokenRecord, *, omit: tuple[str, ...] = ()
 ) -> str:
     """Compact JSON of a record (sets as sorted lists); ``omit`` drops fields a backend keeps elsewhere."""
     data = {k: v for k, v in dataclasses.asdict(record).items() if k not in omit}
@@ -308,3 +384,21 @@ def exception_from(data: Mapping[str, Any]) -> ExceptionGrant:
         return ExceptionGrant(**{**data, "scopes": frozenset(data["scopes"])})
     except (KeyError, TypeError) as e:
         raise StoreUnavailable(f"corrupt exception record: {e}") from e
+
+
+def token_from(data: Mapping[str, Any]) -> TokenRecord:
+    try:
+        return TokenRecord(**data)
+    except TypeError as e:
+        raise StoreUnavailable(f"corrupt token record: {e}") from e
+
+
+def withdrawn(grant: ExceptionGrant, *, at: int, by: str, reason: str) -> ExceptionGrant:
+    """The grant withdrawn at ``at``; a grant withdrawn already keeps its first withdrawal."""
+    if grant.withdrawn_at is not None:
+        return grant
+    return dataclasses.replace(grant, withdrawn_at=at, withdrawn_by=by, withdraw_reason=reason)
+
+
+def newest_first(tokens: list[TokenRecord], limit: int) -> list[TokenRecord]:
+    return sorted(tokens, key=lambda t: (-t.issued_at, t.jti))[: max(0, limit)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import threading
 import time
@@ -12,19 +13,27 @@ from typing import TypeVar
 from sts.store import (
     RETENTION_SECONDS,
     AlreadyExists,
+    Budget,
     ExceptionGrant,
     StoreCondition,
     StoreLoss,
     SubjectRevocation,
     TaskRecord,
+    TokenRecord,
     TokenState,
+    newest_first,
+    withdrawn,
 )
 
 _T = TypeVar("_T")
 
 
 class MemoryStore:
-    """Dicts behind one lock; expired records are dropped when touched and on every write."""
+    """Dicts behind one lock; expired records are dropped when touched and on every write.
+
+    The token index is pruned through a heap of expiry times, so recording a token (every exchange)
+    costs O(log n) and never a scan of every live token.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -35,6 +44,10 @@ class MemoryStore:
         self._exceptions: dict[str, tuple[ExceptionGrant, float]] = {}
         self._counters: dict[str, tuple[int, float]] = {}
         self._once: dict[str, float] = {}
+        self._tokens: dict[str, TokenRecord] = {}
+        self._token_expiry: list[tuple[int, str]] = []
+        self._tokens_of_task: dict[str, set[str]] = {}
+        self._tokens_of_subject: dict[str, set[str]] = {}
 
     def ping(self) -> None:
         return None
@@ -59,6 +72,70 @@ class MemoryStore:
             self._tasks[task_id] = (done, self._tasks[task_id][1])
             return done
 
+    def active_task_count(self, now: float) -> int:
+        with self._lock:
+            return sum(
+                1 for task, keep in self._tasks.values() if keep > now and task.status(now) == "active"
+            )
+
+    def list_tasks(
+        self, *, now: float, assignee: str | None = None, active_only: bool = False, limit: int
+    ) -> list[TaskRecord]:
+        with self._lock:
+            live = [task for task, keep in self._tasks.values() if keep > self._clock()]
+        chosen = [
+            t
+            for t in live
+            if (assignee is None or t.assignee == assignee) and (not active_only or t.status(now) == "active")
+        ]
+        return sorted(chosen, key=lambda t: (-t.created_at, t.id))[: max(0, limit)]
+
+    def record_token(self, token: TokenRecord, *, budget: Budget | None = None) -> bool:
+        with self._lock:
+            self._prune_tokens()
+            if budget is not None:
+                used = self._counter(budget.key)
+                if used >= budget.limit:
+                    return False
+                self._counters[budget.key] = (used + 1, budget.expires_at)
+            if token.expires_at <= self._clock():
+                return True  # already expired: never visible, as in the other backends
+            self._tokens[token.jti] = token
+            heapq.heappush(self._token_expiry, (token.expires_at, token.jti))
+            if token.task_id is not None:
+                self._tokens_of_task.setdefault(token.task_id, set()).add(token.jti)
+            self._tokens_of_subject.setdefault(token.spiffe_id, set()).add(token.jti)
+            return True
+
+    def tokens(
+        self, *, task_id: str | None = None, spiffe_id: str | None = None, limit: int
+    ) -> list[TokenRecord]:
+        with self._lock:
+            self._prune_tokens()
+            if task_id is not None:
+                jtis = self._tokens_of_task.get(task_id, set())
+            else:
+                jtis = self._tokens_of_subject.get(spiffe_id or "", set())
+            chosen = [self._tokens[j] for j in jtis]
+        return newest_first(chosen, limit)
+
+    def _prune_tokens(self) -> None:
+        now = self._clock()
+        heap = self._token_expiry
+        while heap and heap[0][0] <= now:
+            _, jti = heapq.heappop(heap)
+            token = self._tokens.pop(jti, None)
+            if token is None:
+                continue
+            for index, key in (
+                (self._tokens_of_task, token.task_id),
+                (self._tokens_of_subject, token.spiffe_id),
+            ):
+                if key is not None and key in index:
+                    index[key].discard(jti)
+                    if not index[key]:
+                        del index[key]
+
     def revoke_jti(self, jti: str, *, expires_at: int) -> None:
         with self._lock:
             self._sweep()
@@ -76,6 +153,12 @@ class MemoryStore:
         with self._lock:
             return self._live(self._subjects, spiffe_id)
 
+    def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
+        with self._lock:
+            now = self._clock()
+            kept = [r for r, keep in self._subjects.values() if keep > now]
+        return sorted(kept, key=lambda r: (-r.revoked_at, r.spiffe_id))[: max(0, limit)]
+
     def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
         with self._lock:
             revoked_until = self._revoked.get(jti)
@@ -91,6 +174,15 @@ class MemoryStore:
             if grant.id in self._exceptions:
                 raise AlreadyExists(grant.id)
             self._exceptions[grant.id] = (grant, grant.expires_at + RETENTION_SECONDS)
+
+    def withdraw_exception(self, grant_id: str, *, at: int, by: str, reason: str) -> ExceptionGrant | None:
+        with self._lock:
+            grant = self._live(self._exceptions, grant_id)
+            if grant is None:
+                return None
+            done = withdrawn(grant, at=at, by=by, reason=reason)
+            self._exceptions[grant_id] = (done, self._exceptions[grant_id][1])
+            return done
 
     def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:
         with self._lock:

@@ -90,7 +90,9 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         sentinels.append((parts.hostname, port or SENTINEL_PORT))
     segments = [unquote(s) for s in path.split("/")] if path else []
     if len(segments) > 2 or (segments and not segments[0] and len(segments) > 1):
-        raise ValueError(f"store URL {url!r}: the path is /master/db (redis+sentinel://host:26379/mymaster/0)")
+        raise ValueError(
+            f"store URL {url!r}: the path is /master/db (redis+sentinel://host:26379/mymaster/0)"
+        )
     master = segments[0] if segments and segments[0] else None
     db_text = segments[1] if len(segments) > 1 else ""
     if db_text and not db_text.isdigit():

@@ -62,6 +62,7 @@ from sts.store import (
     SubjectRevocation,
     TaskRecord,
     TokenState,
+    label,
     store_loss_tolerated,
 )
 from sts.store.epoch import (
@@ -141,7 +142,14 @@ def _answers(method: _Method[_P, _R]) -> _Method[_P, _R]:
         try:
             return method(self, *args, **kwargs)
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"redis {self.address}: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(
+                f"redis {self.address}: {type(exc).__name__}: {exc}",
+                backend="redis",
+                operation=method.__name__,
+            ) from exc
+        except StoreUnavailable as exc:  # a loss in force, a corrupt record: name where it happened
+            label(exc, "redis", method.__name__)
+            raise
 
     return guarded
 
@@ -344,7 +352,9 @@ class DurableRedisStore(RedisStore):
 
     def _not_durable(self, message: str) -> None:
         if self._options.require_durability:
-            raise StoreUnavailable(f"{message}: not acknowledged (store.redis.require_durability)")
+            raise StoreUnavailable(
+                f"{message}: not acknowledged (store.redis.require_durability)", backend="redis"
+            )
         now = time.monotonic()
         if now - self._not_durable_logged > 60:
             self._not_durable_logged = now
@@ -374,9 +384,7 @@ class DurableRedisStore(RedisStore):
         self._ensure_monitor()
         done = json.dumps({"completed_at": at, "completed_by": by})
         keys = _task_keys(task_id)
-        (found,) = self._durably(
-            lambda p: p.eval(_COMPLETE, 2, *keys, done), "task completion"
-        )
+        (found,) = self._durably(lambda p: p.eval(_COMPLETE, 2, *keys, done), "task completion")
         return None if found is None else self._task(found[0], found[1])
 
     # ---------------------------------------------------------------- reads that prove, with the epoch
@@ -391,6 +399,12 @@ class DurableRedisStore(RedisStore):
         if self._guard.unacknowledged and not store_loss_tolerated():
             raise self._guard.refusal()
         return self._subject(value)
+
+    @_answers
+    def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
+        """Every kill switch is also in the kill list (``sts:kills``): read those, not the keyspace."""
+        names = cast("list[bytes]", self._redis.hkeys(KILLS_KEY))
+        return self._revocations([f"{PREFIX}subject:{_text(n)}".encode() for n in names], limit)
 
     @_answers
     def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:

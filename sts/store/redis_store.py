@@ -9,6 +9,9 @@ Owns the Redis key layout (all under ``sts:``) and the JSON form of records in i
     sts:exception:<id>          grant JSON (claims the id)            EXAT expires_at + retention
     sts:exceptions-of:<id>      zset: grant JSON scored by keep-until EXPIREAT its highest score
     sts:exceptions-all          zset: every grant, the same way       EXPIREAT its highest score
+    sts:tasks                   zset: task ids scored by keep-until   EXPIREAT its highest score
+    sts:tokens-of:<spiffe id>   zset: token JSON scored by its exp    EXPIREAT its highest score
+    sts:tokens-of-task:<id>     zset: the same, per task              EXPIREAT its highest score
     sts:window:<key>:<slot>     hits in one fixed window              EXPIREAT the window's end
     sts:budget:<key>            units taken                           EXAT expires_at
     sts:once:<key>              1                                     EXAT expires_at
@@ -42,18 +45,24 @@ import redis
 from sts.store import (
     RETENTION_SECONDS,
     AlreadyExists,
+    Budget,
     ExceptionGrant,
     StoreCondition,
     StoreLoss,
     StoreUnavailable,
     SubjectRevocation,
     TaskRecord,
+    TokenRecord,
     TokenState,
     decode,
     exception_from,
+    label,
+    newest_first,
     record_json,
     subject_from,
     task_from,
+    token_from,
+    withdrawn,
 )
 from sts.store.redis_connect import client_defaults
 
@@ -100,6 +109,50 @@ for i = 2, 3 do
 end
 return 1
 """
+# KEYS: task, task index. ARGV: task JSON, keep-until, id, now. Claims the id, then indexes the task.
+_CREATE_TASK = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EXAT', ARGV[2]) then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('EXPIREAT', KEYS[2], last[2])
+return 1
+"""
+# KEYS: budget, subject's token index, task's token index (only with a task).
+# ARGV: limit ('' = no budget), budget exat, token JSON, token exp, now.
+# Takes one unit of the budget (0, nothing written, when spent), then indexes the token: each index is
+# pruned of expired tokens and lives as long as its longest-lived member, so it never outgrows them.
+_RECORD_TOKEN = """
+if ARGV[1] ~= '' then
+  local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if used >= tonumber(ARGV[1]) then return 0 end
+  redis.call('SET', KEYS[1], used + 1, 'EXAT', ARGV[2])
+end
+for i = 2, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[5])
+  redis.call('ZADD', KEYS[i], ARGV[4], ARGV[3])
+  local ttl = redis.call('TTL', KEYS[i])
+  if ttl < 0 or tonumber(ARGV[5]) + ttl < tonumber(ARGV[4]) then
+    redis.call('EXPIREAT', KEYS[i], ARGV[4])
+  end
+end
+return 1
+"""
+# KEYS: grant, workload index, global index. ARGV: the grant JSON read, its withdrawn JSON.
+# Replaces the grant everywhere it is kept, unless it changed since it was read (0: read again).
+_WITHDRAW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+for i = 2, 3 do
+  local score = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if score then
+    redis.call('ZREM', KEYS[i], ARGV[1])
+    redis.call('ZADD', KEYS[i], score, ARGV[2])
+  end
+end
+return 1
+"""
+_SCAN_BATCH = 500  # keys per MGET when the live view reads many records
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -114,7 +167,14 @@ def _answers(method: _Method[_P, _R]) -> _Method[_P, _R]:
         try:
             return method(self, *args, **kwargs)
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"redis {self.address}: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(
+                f"redis {self.address}: {type(exc).__name__}: {exc}",
+                backend="redis",
+                operation=method.__name__,
+            ) from exc
+        except StoreUnavailable as exc:  # a loss in force, a corrupt record: name where it happened
+            label(exc, "redis", method.__name__)
+            raise
 
     return guarded
 
@@ -144,6 +204,9 @@ class RedisStore:
         self._complete = self._redis.register_script(_COMPLETE)
         self._revoke_jti = self._redis.register_script(_REVOKE_JTI)
         self._add_exception = self._redis.register_script(_ADD_EXCEPTION)
+        self._create_task = self._redis.register_script(_CREATE_TASK)
+        self._record_token = self._redis.register_script(_RECORD_TOKEN)
+        self._withdraw = self._redis.register_script(_WITHDRAW)
 
     @_answers
     def ping(self) -> None:
@@ -156,9 +219,14 @@ class RedisStore:
         keep = task.deadline + RETENTION_SECONDS
         if keep <= self._clock():
             return  # already past its retention: invisible at once, as in the other backends
-        if not self._redis.set(
-            f"{PREFIX}task:{task.id}", record_json(task, omit=COMPLETION), nx=True, exat=_at(keep)
-        ):
+        keys = [f"{PREFIX}task:{task.id}", f"{PREFIX}tasks"]
+        args: list[str | int | float] = [
+            record_json(task, omit=COMPLETION),
+            _at(keep),
+            task.id,
+            self._clock(),
+        ]
+        if not self._create_task(keys=keys, args=args):
             raise AlreadyExists(task.id)
 
     @_answers
@@ -171,6 +239,68 @@ class RedisStore:
         done = json.dumps({"completed_at": at, "completed_by": by})
         found = self._complete(keys=_task_keys(task_id), args=[done])
         return None if found is None else self._task(found[0], found[1])
+
+    def _kept_task_ids(self, floor: float) -> list[str]:
+        ids = cast("list[bytes]", self._redis.zrangebyscore(f"{PREFIX}tasks", f"({floor}", "+inf"))
+        return [i.decode() for i in ids]
+
+    @_answers
+    def active_task_count(self, now: float) -> int:
+        # Scored by deadline + retention: a task whose deadline is still ahead scores above now + retention.
+        ids = self._kept_task_ids(now + RETENTION_SECONDS)
+        count = 0
+        for start in range(0, len(ids), _SCAN_BATCH):
+            batch = ids[start : start + _SCAN_BATCH]
+            done = self._redis.mget([f"{PREFIX}task-done:{i}" for i in batch])
+            count += sum(1 for value in done if value is None)
+        return count
+
+    @_answers
+    def list_tasks(
+        self, *, now: float, assignee: str | None = None, active_only: bool = False, limit: int
+    ) -> list[TaskRecord]:
+        ids = self._kept_task_ids(now + RETENTION_SECONDS if active_only else self._clock())
+        tasks: list[TaskRecord] = []
+        for start in range(0, len(ids), _SCAN_BATCH):
+            batch = ids[start : start + _SCAN_BATCH]
+            values = self._redis.mget([key for i in batch for key in _task_keys(i)])
+            for record, done in zip(values[::2], values[1::2], strict=True):
+                task = self._task(record, done)
+                if task is None or (assignee is not None and task.assignee != assignee):
+                    continue
+                if not active_only or task.status(now) == "active":
+                    tasks.append(task)
+        return sorted(tasks, key=lambda t: (-t.created_at, t.id))[: max(0, limit)]
+
+    @_answers
+    def record_token(self, token: TokenRecord, *, budget: Budget | None = None) -> bool:
+        keys = [
+            f"{PREFIX}budget:{budget.key}" if budget is not None else f"{PREFIX}budget:-",
+            f"{PREFIX}tokens-of:{token.spiffe_id}",
+        ]
+        if token.task_id is not None:
+            keys.append(f"{PREFIX}tokens-of-task:{token.task_id}")
+        now = self._clock()
+        if token.expires_at <= now:
+            keys = keys[:1]  # already expired: nothing to index (the budget is still taken)
+        args: list[str | int] = [
+            "" if budget is None else budget.limit,
+            _at(budget.expires_at) if budget is not None else 0,
+            record_json(token),
+            _at(token.expires_at),
+            int(now),
+        ]
+        return bool(self._record_token(keys=keys, args=args))
+
+    @_answers
+    def tokens(
+        self, *, task_id: str | None = None, spiffe_id: str | None = None, limit: int
+    ) -> list[TokenRecord]:
+        index = (
+            f"{PREFIX}tokens-of-task:{task_id}" if task_id is not None else f"{PREFIX}tokens-of:{spiffe_id}"
+        )
+        members = cast("list[bytes]", self._redis.zrangebyscore(index, f"({self._clock()}", "+inf"))
+        return newest_first([token_from(decode(m)) for m in members], limit)
 
     # Revocation
 
@@ -187,6 +317,21 @@ class RedisStore:
     @_answers
     def subject_revocation(self, spiffe_id: str) -> SubjectRevocation | None:
         return self._subject(self._redis.get(f"{PREFIX}subject:{spiffe_id}"))
+
+    @_answers
+    def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
+        """Read by SCAN: this plain layout keeps no list of kill switches (the durable store does)."""
+        names = list(self._redis.scan_iter(match=f"{PREFIX}subject:*", count=1000))
+        return self._revocations(names, limit)
+
+    def _revocations(self, names: list[bytes], limit: int) -> list[SubjectRevocation]:
+        kept: list[SubjectRevocation] = []
+        for start in range(0, len(names), _SCAN_BATCH):
+            for value in self._redis.mget(names[start : start + _SCAN_BATCH]):
+                revocation = self._subject(value)
+                if revocation is not None:
+                    kept.append(revocation)
+        return sorted(kept, key=lambda r: (-r.revoked_at, r.spiffe_id))[: max(0, limit)]
 
     @_answers
     def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
@@ -217,6 +362,24 @@ class RedisStore:
             return  # already past its retention: invisible at once, as in the other backends
         if not self._add_exception(keys=keys, args=[record_json(grant), _at(keep), self._clock()]):
             raise AlreadyExists(grant.id)
+
+    @_answers
+    def withdraw_exception(self, grant_id: str, *, at: int, by: str, reason: str) -> ExceptionGrant | None:
+        key = f"{PREFIX}exception:{grant_id}"
+        for _ in range(5):  # a concurrent withdrawal changed it: read it again
+            raw = cast("bytes | None", self._redis.get(key))
+            if raw is None:
+                return None
+            grant = exception_from(decode(raw))
+            if grant.expires_at + RETENTION_SECONDS <= self._clock():
+                return None
+            done = withdrawn(grant, at=at, by=by, reason=reason)
+            if done is grant:
+                return grant
+            keys = [key, f"{PREFIX}exceptions-of:{grant.spiffe_id}", f"{PREFIX}exceptions-all"]
+            if self._withdraw(keys=keys, args=[raw, record_json(done)]):
+                return done
+        raise StoreUnavailable(f"exception {grant_id} keeps changing", backend="redis", operation="withdraw")
 
     @_answers
     def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:

@@ -6,6 +6,9 @@ application crash loses nothing). Each thread has its own connection; processes 
 every check-and-set (counters, budgets, ``use_once``, creation, completion) is one atomic statement
 (``INSERT … ON CONFLICT DO UPDATE … WHERE … RETURNING``, SQLite ≥ 3.35), never a read then a write.
 
+The ``tokens`` table (the live view's index of issued tokens) was added without a schema version bump:
+it is created when missing, and a build without it ignores it.
+
 Every row carries ``expires_at`` (NULL: kept forever); reads ignore rows past it and writes delete them
 at most once per :data:`SWEEP_INTERVAL` seconds per store, so the file stays bounded.
 
@@ -27,18 +30,23 @@ from typing import Concatenate, ParamSpec, TypeVar
 from sts.store import (
     RETENTION_SECONDS,
     AlreadyExists,
+    Budget,
     ExceptionGrant,
     StoreCondition,
     StoreLoss,
     StoreUnavailable,
     SubjectRevocation,
     TaskRecord,
+    TokenRecord,
     TokenState,
     decode,
     exception_from,
+    label,
     record_json,
     subject_from,
     task_from,
+    token_from,
+    withdrawn,
 )
 
 # Expired rows are deleted by a write at most this often (per store object, so per worker process).
@@ -46,7 +54,7 @@ SWEEP_INTERVAL = 60
 # Bumped when the schema changes; a file written by a newer build is refused rather than misread.
 SCHEMA_VERSION = 1
 
-_TABLES = ("tasks", "revoked_jti", "subject_revocations", "exceptions", "counters", "once")
+_TABLES = ("tasks", "revoked_jti", "subject_revocations", "exceptions", "counters", "once", "tokens")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, record TEXT NOT NULL, completed_at INTEGER, completed_by TEXT,
@@ -61,6 +69,11 @@ CREATE INDEX IF NOT EXISTS exceptions_by_workload ON exceptions (spiffe_id, crea
 CREATE TABLE IF NOT EXISTS counters (
     key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS once (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY, task_id TEXT, spiffe_id TEXT NOT NULL, issued_at INTEGER NOT NULL,
+    record TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS tokens_by_task ON tokens (task_id, issued_at) WHERE task_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tokens_by_subject ON tokens (spiffe_id, issued_at);
 """ + "".join(f"CREATE INDEX IF NOT EXISTS {t}_expiry ON {t} (expires_at);\n" for t in _TABLES)
 
 # ?1 key, ?2 expires_at, ?3 now: a live row counts on, an expired one starts again at 1.
@@ -94,6 +107,10 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE exceptions.expires_at <= ?6
 RETURNING 1
 """
+_RECORD_TOKEN = """
+INSERT OR REPLACE INTO tokens (jti, task_id, spiffe_id, issued_at, record, expires_at)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
 # One statement, one snapshot: the three things that can make a token inactive.
 _TOKEN_STATE = """
 SELECT j.jti, t.record, t.completed_at, t.completed_by, s.record
@@ -118,7 +135,12 @@ def _answers(method: _Method[_P, _R]) -> _Method[_P, _R]:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
+            raise StoreUnavailable(
+                f"sqlite {self.path}: {exc}", backend="sqlite", operation=method.__name__
+            ) from exc
+        except StoreUnavailable as exc:  # corrupt record, closed store: name where it happened
+            label(exc, "sqlite", method.__name__)
+            raise
 
     return guarded
 
@@ -139,7 +161,11 @@ class SqliteStore:
         self, path: Path, *, clock: Callable[[], float] = time.time, busy_timeout: float = 5.0
     ) -> None:
         if sqlite3.sqlite_version_info < (3, 35, 0):
-            raise StoreUnavailable(f"SQLite {sqlite3.sqlite_version} is too old; 3.35 or newer is needed")
+            raise StoreUnavailable(
+                f"SQLite {sqlite3.sqlite_version} is too old; 3.35 or newer is needed",
+                backend="sqlite",
+                operation="open",
+            )
         self.path = path
         self._clock = clock
         self._busy_timeout = busy_timeout
@@ -151,7 +177,7 @@ class SqliteStore:
         try:
             _create_private(path)
         except OSError as exc:
-            raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
+            raise StoreUnavailable(f"sqlite {path}: {exc}", backend="sqlite", operation="open") from exc
         self._open_schema()
 
     @_answers
@@ -213,6 +239,71 @@ class SqliteStore:
         )
         return self.get_task(task_id)
 
+    @_answers
+    def active_task_count(self, now: float) -> int:
+        # A task's row is kept until deadline + retention, so its deadline is expires_at - retention.
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT count(*) FROM tasks WHERE completed_at IS NULL AND expires_at > ?",
+                (now + RETENTION_SECONDS,),
+            )
+            .fetchall()
+        )
+        return int(rows[0][0])
+
+    @_answers
+    def list_tasks(
+        self, *, now: float, assignee: str | None = None, active_only: bool = False, limit: int
+    ) -> list[TaskRecord]:
+        # Tasks are few (live ones plus a day of ended ones); the assignee lives in the JSON record, so
+        # it is matched here rather than with json_extract (not in every SQLite build).
+        floor = now + RETENTION_SECONDS if active_only else self._clock()
+        query = "SELECT record, completed_at, completed_by FROM tasks WHERE expires_at > ?"
+        if active_only:
+            query += " AND completed_at IS NULL"
+        rows = self._conn().execute(query, (floor,)).fetchall()
+        tasks = [_task_row(*row) for row in rows]
+        chosen = [t for t in tasks if assignee is None or t.assignee == assignee]
+        return sorted(chosen, key=lambda t: (-t.created_at, t.id))[: max(0, limit)]
+
+    @_answers
+    def record_token(self, token: TokenRecord, *, budget: Budget | None = None) -> bool:
+        conn, now = self._writer()
+        values = (
+            token.jti,
+            token.task_id,
+            token.spiffe_id,
+            token.issued_at,
+            record_json(token),
+            token.expires_at,
+        )
+        if budget is None:
+            conn.execute(_RECORD_TOKEN, values)  # one autocommit statement
+            return True
+        if budget.limit <= 0:
+            return False
+        # The budget and the index entry in one transaction: one commit, as take_budget alone was.
+        with _immediate(conn):
+            if not conn.execute(
+                _TAKE, (f"budget:{budget.key}", budget.expires_at, now, budget.limit)
+            ).fetchall():
+                return False
+            conn.execute(_RECORD_TOKEN, values)
+        return True
+
+    @_answers
+    def tokens(
+        self, *, task_id: str | None = None, spiffe_id: str | None = None, limit: int
+    ) -> list[TokenRecord]:
+        column, value = ("task_id", task_id) if task_id is not None else ("spiffe_id", spiffe_id)
+        query = (
+            f"SELECT record FROM tokens WHERE {column} = ? AND expires_at > ?"  # noqa: S608 (a fixed name)
+            " ORDER BY issued_at DESC, jti LIMIT ?"
+        )
+        rows = self._conn().execute(query, (value, self._clock(), max(0, limit))).fetchall()
+        return [token_from(decode(record)) for (record,) in rows]
+
     # Revocation
 
     @_answers
@@ -246,6 +337,19 @@ class SqliteStore:
         return subject_from(decode(rows[0][0])) if rows else None
 
     @_answers
+    def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT record FROM subject_revocations WHERE expires_at IS NULL OR expires_at > ?",
+                (self._clock(),),
+            )
+            .fetchall()
+        )
+        kept = [subject_from(decode(record)) for (record,) in rows]
+        return sorted(kept, key=lambda r: (-r.revoked_at, r.spiffe_id))[: max(0, limit)]
+
+    @_answers
     def token_state(self, jti: str, task_id: str | None, spiffe_id: str) -> TokenState:
         jti_row, task, done_at, done_by, subject = (
             self._conn().execute(_TOKEN_STATE, (jti, task_id, spiffe_id, self._clock())).fetchall()[0]
@@ -265,6 +369,22 @@ class SqliteStore:
         values = (grant.id, grant.spiffe_id, grant.created_at, record_json(grant), keep, now)
         if not conn.execute(_ADD_EXCEPTION, values).fetchall():
             raise AlreadyExists(grant.id)
+
+    @_answers
+    def withdraw_exception(self, grant_id: str, *, at: int, by: str, reason: str) -> ExceptionGrant | None:
+        conn, now = self._writer()
+        # Read and rewrite under the write lock: two withdrawals (any process) cannot interleave.
+        with _immediate(conn):
+            rows = conn.execute(
+                "SELECT record FROM exceptions WHERE id = ? AND expires_at > ?", (grant_id, now)
+            ).fetchall()
+            if not rows:
+                return None
+            grant = exception_from(decode(rows[0][0]))
+            done = withdrawn(grant, at=at, by=by, reason=reason)
+            if done is not grant:
+                conn.execute("UPDATE exceptions SET record = ? WHERE id = ?", (record_json(done), grant_id))
+        return done
 
     @_answers
     def exceptions(self, spiffe_id: str | None = None) -> list[ExceptionGrant]:

@@ -92,10 +92,55 @@ def grant_exception() -> Response:
     return response
 
 
+def _args() -> dict[str, str]:
+    """The query string; a parameter given twice is refused (which one would count is ambiguous)."""
+    for name, values in request.args.lists():
+        if len(values) > 1:
+            raise InvalidRequest(f"parameter '{name[:64]}' is given more than once")
+    return dict(request.args.items())
+
+
 @resources.get("/admin/exceptions")
 def list_exceptions() -> Response:
-    _admin()
-    return jsonify({"exceptions": services().admin.list_exceptions()})
+    caller = _admin()
+    return jsonify(services().admin.view(caller, "exceptions", _args(), request_id=g.request_id))
+
+
+@resources.get("/admin/tasks")
+def admin_tasks() -> Response:
+    caller = _admin()
+    return jsonify(services().admin.view(caller, "tasks", _args(), request_id=g.request_id))
+
+
+@resources.get("/admin/tasks/<task_id>")
+def admin_task(task_id: str) -> Response:
+    caller = _admin()
+    return jsonify(services().admin.task(caller, task_id, _args(), request_id=g.request_id))
+
+
+@resources.get("/admin/tokens")
+def admin_tokens() -> Response:
+    caller = _admin()
+    return jsonify(services().admin.view(caller, "tokens", _args(), request_id=g.request_id))
+
+
+@resources.get("/admin/revocations")
+def admin_revocations() -> Response:
+    caller = _admin()
+    return jsonify(services().admin.view(caller, "revocations", _args(), request_id=g.request_id))
+
+
+@resources.post("/admin/revocations/lift")
+def lift_revocation() -> Response:
+    caller = _admin()
+    return jsonify(services().admin.lift_revocation(caller, _json_body(), request_id=g.request_id))
+
+
+@resources.post("/admin/exceptions/<exception_id>/withdraw")
+def withdraw_exception(exception_id: str) -> Response:
+    caller = _admin()
+    body = _json_body()
+    return jsonify(services().admin.withdraw_exception(caller, exception_id, body, request_id=g.request_id))
 
 
 @resources.post("/admin/store-loss/ack")
