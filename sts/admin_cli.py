@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from sts.logsafe import escape
 from sts.memfile import MemoryFile
 
 EXIT_OK, EXIT_NO, EXIT_CONFIG = 0, 1, 2
@@ -75,9 +76,32 @@ def add_admin_commands(admin: argparse._SubParsersAction[argparse.ArgumentParser
     withdraw = _add(admin, "withdraw-exception", "end an exception now, and its tokens", _withdraw)
     withdraw.add_argument("exception_id", metavar="ID")
     withdraw.add_argument("--reason", required=True, help="why (audited)")
+    _add_store_loss(admin)
     lift = _add(admin, "unrevoke-workload", "lift a workload's kill switch early", _unrevoke)
     lift.add_argument("spiffe_id", metavar="SPIFFE_ID")
     lift.add_argument("--reason", required=True, help="why (audited)")
+
+
+def _add_store_loss(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sts admin store-loss ack``: POST /admin/store-loss/ack (docs/operations.md, store loss)."""
+    store_loss = admin.add_parser("store-loss", help="a loss of the shared store")
+    commands = store_loss.add_subparsers(title="store-loss commands")
+    ack = _add(
+        commands,
+        "ack",
+        "acknowledge a store loss so exchanges resume: the kill switches given with --kill are "
+        "re-asserted first; tokens issued before the loss stay inactive",
+        _store_loss_ack,
+    )
+    ack.add_argument("--url", dest="issuer", help=argparse.SUPPRESS)  # its name before --issuer
+    ack.add_argument("--reason", required=True, help="why the loss is accepted (audited)")
+    ack.add_argument(
+        "--kill",
+        metavar="SPIFFE_ID",
+        action="append",
+        default=None,
+        help="re-assert this workload's kill switch (for good) before acknowledging; repeatable",
+    )
 
 
 def _add(
@@ -119,7 +143,7 @@ def _guarded(run: _Run, args: argparse.Namespace) -> int:
     try:
         return run(args)
     except Refused as e:
-        print(f"refused: {e}", file=sys.stderr)
+        print(f"refused: {escape(str(e))}", file=sys.stderr)
         return EXIT_NO
     except Unusable as e:
         print(f"sts admin: {e}", file=sys.stderr)
@@ -246,7 +270,8 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, list):
         return ",".join(_cell(v) for v in value)
-    return str(value)
+    # Reasons, SPIFFE IDs and errors are other people's text: never a terminal control sequence.
+    return escape(str(value))
 
 
 _TOKEN_COLUMNS = ("jti", "spiffe_id", "task_id", "target", "token_class", "exp", "binding", "revoked")
@@ -311,3 +336,25 @@ def _unrevoke(args: argparse.Namespace) -> int:
         args, "POST", "/admin/revocations/lift", {"spiffe_id": args.spiffe_id, "reason": args.reason}
     )
     return _print(args, answer, [answer], ("lifted", "revoked_at", "at"))
+
+
+def _store_loss_ack(args: argparse.Namespace) -> int:
+    """Exit 0 acknowledged, 1 nothing to acknowledge (or refused)."""
+    body = {"reason": args.reason, "kill_list": args.kill or []}
+    answer = call(args, "POST", "/admin/store-loss/ack", body)
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return EXIT_OK if answer.get("acknowledged") else EXIT_NO
+    for spiffe_id in answer.get("kill_list", []):
+        print(f"kill switch:   {_cell(spiffe_id)} (re-asserted)")
+    if not answer.get("acknowledged"):
+        print(f"nothing to acknowledge: {_cell(answer.get('detail', 'no store loss is in force'))}")
+        return EXIT_NO
+    print(
+        f"acknowledged:  store loss ({_cell(answer.get('cause'))}) detected at "
+        f"{_cell(answer.get('detected_at'))} by {_cell(answer.get('detected_by'))}, "
+        f"epoch {_cell(answer.get('previous_epoch'))} -> {_cell(answer.get('epoch'))}"
+    )
+    print(f"not before:    {_cell(answer.get('not_before'))} (tokens issued at or before it stay inactive)")
+    print(f"resumes after: {_cell(answer.get('resumes_after'))}")
+    return EXIT_OK

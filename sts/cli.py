@@ -185,47 +185,10 @@ def _parser() -> argparse.ArgumentParser:
     admin = _command(commands, "admin", "administrator actions on a running STS").add_subparsers(
         title="admin commands"
     )
-    _admin_store_loss(admin)
     from sts.admin_cli import add_admin_commands
 
-    add_admin_commands(admin)  # the live view and commands (sts.admin_cli)
+    add_admin_commands(admin)  # the live view, the kill switches, store-loss ack (sts.admin_cli)
     return parser
-
-
-def _admin_store_loss(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``sts admin store-loss ack``: POST /admin/store-loss/ack as an admin (docs/operations.md)."""
-    store_loss = _command(admin, "store-loss", "a loss of the shared store").add_subparsers(
-        title="store-loss commands"
-    )
-    ack = _command(
-        store_loss,
-        "ack",
-        "acknowledge a store loss so exchanges resume",
-        "Acknowledge the loss of the shared store (a flushed, replaced or rolled-back Redis) that every "
-        "replica refuses exchanges for, after re-asserting the kill switches given with --kill. Tokens "
-        "issued before the loss stay inactive. Authenticates with an admin's JWT-SVID (--svid-file, or "
-        "fetched from the Workload API). Exit 0 acknowledged, 1 nothing to acknowledge or refused, 2 "
-        "usage or connection error.",
-    )
-    ack.add_argument("--url", required=True, help="the STS base URL, e.g. https://sts.example.org")
-    ack.add_argument("--reason", required=True, help="why the loss is accepted (audited)")
-    ack.add_argument(
-        "--kill",
-        metavar="SPIFFE_ID",
-        action="append",
-        default=None,
-        help="re-assert this workload's kill switch (for good) before acknowledging; repeatable",
-    )
-    ack.add_argument("--audience", help="the audience of the admin's JWT-SVID (default: --url, the issuer)")
-    ack.add_argument("--svid-file", type=Path, metavar="FILE", help="a file holding the admin's JWT-SVID")
-    ack.add_argument(
-        "--socket",
-        metavar="unix:///PATH",
-        help=f"the Workload API socket to fetch the JWT-SVID from (default: ${SOCKET_ENV})",
-    )
-    ack.add_argument("--ca", type=Path, metavar="FILE", help="CA certificates that verify an https --url")
-    ack.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the STS")
-    ack.set_defaults(run=_admin_store_loss_ack)
 
 
 def _policy_check_arguments(check: argparse.ArgumentParser) -> None:
@@ -529,68 +492,6 @@ def _svid(args: argparse.Namespace) -> int:
     except PySpiffeError as e:
         print(f"sts: cannot fetch a JWT-SVID from {origin}: {e}", file=sys.stderr)
         return EXIT_NO
-    return EXIT_OK
-
-
-def _admin_store_loss_ack(args: argparse.Namespace) -> int:
-    import requests
-
-    url = args.url.rstrip("/")
-    if args.svid_file is not None:
-        try:
-            svid = args.svid_file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            print(f"sts: cannot read {args.svid_file}: {e.strerror}", file=sys.stderr)
-            return EXIT_CONFIG
-    else:
-        from spiffe import WorkloadApiClient
-        from spiffe.errors import PySpiffeError
-
-        socket = args.socket or os.environ.get(SOCKET_ENV) or None
-        if socket is None:
-            print(
-                f"sts admin store-loss ack: no JWT-SVID: give --svid-file, --socket or set {SOCKET_ENV}",
-                file=sys.stderr,
-            )
-            return EXIT_CONFIG
-        try:
-            with WorkloadApiClient(socket_path=socket) as client:
-                svid = client.fetch_jwt_svid(audience={args.audience or url}, timeout=10).token
-        except PySpiffeError as e:
-            print(f"sts: cannot fetch a JWT-SVID from {socket}: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-    body = {"reason": args.reason, "kill_list": args.kill or []}
-    try:
-        response = requests.post(
-            f"{url}/admin/store-loss/ack",
-            json=body,
-            headers={"Authorization": f"Bearer {svid}"},
-            timeout=args.timeout,
-            verify=str(args.ca) if args.ca else True,
-        )
-    except requests.RequestException as e:
-        print(f"sts: cannot reach {url}: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {}
-    if response.status_code != 200 or not isinstance(answer, dict):
-        error = answer.get("error", "") if isinstance(answer, dict) else ""
-        description = answer.get("error_description", response.text[:200]) if isinstance(answer, dict) else ""
-        print(f"refused: {response.status_code} {error}: {description}", file=sys.stderr)
-        return EXIT_NO
-    for spiffe_id in answer.get("kill_list", []):
-        print(f"kill switch:   {spiffe_id} (re-asserted)")
-    if not answer.get("acknowledged"):
-        print(f"nothing to acknowledge: {answer.get('detail', 'no store loss is in force')}")
-        return EXIT_NO
-    print(
-        f"acknowledged:  store loss ({answer.get('cause')}) detected at {answer.get('detected_at')} by "
-        f"{answer.get('detected_by')}, epoch {answer.get('previous_epoch')} -> {answer.get('epoch')}"
-    )
-    print(f"not before:    {answer.get('not_before')} (tokens issued at or before it stay inactive)")
-    print(f"resumes after: {answer.get('resumes_after')}")
     return EXIT_OK
 
 
