@@ -37,11 +37,13 @@ from tests.authority import TestAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Issue 7 §5: the targets this machine (2 cores, shared with the load generator) must reach.
-TARGET_EXCHANGES_PER_S = 3000
-TARGET_P99_MS = 30.0
-TARGET_P50_MS_N1 = 2.0
-TARGET_CEILING_SHARE = 0.15
+# The targets on a 2-core machine shared with the load generator (bench/README.md). The share of the
+# crypto ceiling measured in the same run decides across machines; the absolute rate is for a machine
+# like the one where 4,057 exchanges/s were measured.
+TARGET_EXCHANGES_PER_S = 5000
+TARGET_P99_MS = 20.0
+TARGET_P50_MS_N1 = 0.3
+TARGET_CEILING_SHARE = 0.25
 TARGET_PEER_RATIO = 20.0
 TARGET_VERIFIER_RATIO = 1.5
 TARGET_RSS_MB = 150.0
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, help="seconds per load run (default 10, quick 5)")
     parser.add_argument("--repeats", type=int, help="runs per N, medians reported (default 3)")
     parser.add_argument("--connections", type=str, help="comma-separated N (default 1,16,64; quick 16,64)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a measured target is NOT MET")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, audit, database)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     return parser
@@ -136,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out.parent / f"{stamp}-{results['mode']}.json").write_text(text)
     print(_table(results))
     _log(f"\nwrote {args.out}")
+    missed = [t["target"] for t in results["targets"] if t["met"] is False]
+    if args.check and missed:
+        _log(f"NOT MET: {', '.join(missed)}")
+        return 1
     return 0
 
 
@@ -389,7 +396,7 @@ def _peer(
 
 
 def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 7 §5, each with the figure measured in this run (None: not measured in this mode)."""
+    """Each target with the figure measured in this run (None: not measured in this mode)."""
     rate, p50, p99 = results["exchanges_per_s"], results["p50_ms"], results["p99_ms"]
     peer_ratio = None
     if "peer" in results and "ratio_ours_over_theirs" in results["peer"]:
@@ -517,7 +524,7 @@ def _table(r: dict[str, Any]) -> str:
                     f", p99 {_fmt(ratio['p99'], '.3f')}x"
                 )
     add("")
-    add("targets (issue 7):")
+    add("targets (MET / NOT MET; --check exits 1 on NOT MET):")
     for t in r["targets"]:
         verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
         add(f"  {t['target']:<40} {_fmt(t['measured'], '.4g'):>10}  limit {t['limit']:<6g} {verdict}")
