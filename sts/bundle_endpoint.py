@@ -386,6 +386,9 @@ class BundleEndpointSource:
             confirmed = previous is not None and same_keys and sequence == previous.bundle.sequence
             kept = previous.bundle if confirmed and previous is not None else bundle
             self._good = _Good(kept, fetched.body, keys_print, now, wall)
+            # With the bundle, in one step: describe() never shows the new bundle beside an old error.
+            self._last_error = None
+            self._failures = 0
             if sequence is not None:
                 self._high_sequence = sequence if high is None else max(high, sequence)
         if confirmed:
