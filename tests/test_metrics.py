@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -353,3 +354,27 @@ def test_revocations_and_rate_limits_are_counted_from_their_audit_events(service
     assert delta("sts_revocations_total", kind="task") == 2
     assert delta("sts_revocations_total", kind="token") == 1
     assert delta("sts_rate_limited_total") == 7
+
+
+def test_a_start_removes_the_metrics_directories_of_runs_that_are_gone(tmp_path: Path) -> None:
+    """A SIGKILLed ``sts serve`` cannot remove its directory; the next start does (and only such)."""
+    import subprocess
+    import sys
+
+    from sts.web.supervisor import multiprocess_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"sts-metrics-{dead.pid}-abc"
+    live = tmp_path / f"sts-metrics-{os.getpid()}-def"
+    unrelated = tmp_path / "sts-metrics-notapid"
+    for directory in (stale, live, unrelated):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"\0" * 16)
+    with multiprocess_dir(str(tmp_path)) as directory:
+        assert not stale.exists()
+        assert live.exists() and unrelated.exists()
+        assert Path(directory).name.startswith(f"sts-metrics-{os.getpid()}-")
+        assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == directory
+        assert (Path(directory).stat().st_mode & 0o777) == 0o700
+    assert not Path(directory).exists()

@@ -24,6 +24,7 @@ from uvicorn.supervisors import Multiprocess
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
+MULTIPROC_PREFIX = "sts-metrics-"
 
 SHUTDOWN_MARGIN_SECONDS = 3.0  # after the drain: lifespan shutdown, closing the store
 
@@ -64,15 +65,18 @@ class BoundedMultiprocess(Multiprocess):
 
 
 @contextlib.contextmanager
-def multiprocess_dir() -> Iterator[str]:
+def multiprocess_dir(parent: str | None = None) -> Iterator[str]:
     """A private ``PROMETHEUS_MULTIPROC_DIR`` for the workers of one ``sts serve``, removed on exit.
 
     Always a fresh directory (mode 0700, from ``mkdtemp``): files left by another run would be summed
     into this one's counters. It must be set before this process or any worker imports
     prometheus_client (workers are spawned or forked later), which is why it lives here and not in
-    ``sts.metrics``.
+    ``sts.metrics``. Its name carries this process's pid, so that the next start removes the
+    directories of runs that could not remove their own (killed, or ended without unwinding).
     """
-    directory = tempfile.mkdtemp(prefix="sts-metrics-")
+    parent = parent if parent is not None else tempfile.gettempdir()
+    remove_stale_multiprocess_dirs(parent)
+    directory = tempfile.mkdtemp(prefix=f"{MULTIPROC_PREFIX}{os.getpid()}-", dir=parent)
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = directory
     try:
@@ -83,3 +87,40 @@ def multiprocess_dir() -> Iterator[str]:
         else:
             os.environ[MULTIPROC_ENV] = previous
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_stale_multiprocess_dirs(parent: str) -> list[str]:
+    """Remove this user's ``sts-metrics-<pid>-*`` directories under ``parent`` whose ``sts serve`` is
+    gone; the paths removed. Another user's, a live process's, and names of another form stay."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text = entry.name.removeprefix(MULTIPROC_PREFIX).partition("-")[0]
+        if not entry.name.startswith(MULTIPROC_PREFIX) or not pid_text.isdigit() or len(pid_text) > 10:
+            continue
+        try:
+            mine = entry.stat(follow_symlinks=False).st_uid == os.getuid()
+            if not mine or not entry.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        if _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process, alive
+    except (OverflowError, ValueError):
+        return False  # a number no process can have
+    return True
