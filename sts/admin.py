@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -273,7 +274,9 @@ class Admin:
             raise NotFound("no such exception")
         ended = [
             t
-            for t in self._store.tokens(spiffe_id=grant.spiffe_id, limit=MAX_LIMIT * 10)
+            # Every live token of the workload, not a page of them: a cap here would leave the rest of
+            # the exception's tokens active (fail open). The index holds only unexpired tokens.
+            for t in self._store.tokens(spiffe_id=grant.spiffe_id, limit=sys.maxsize)
             if t.exception_id == grant.id
         ]
         for token in ended:
