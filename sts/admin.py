@@ -28,6 +28,7 @@ from sts.introspection import REVOCATION_MARGIN_SECONDS
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import ExceptionGrant, Store, SubjectRevocation, TaskRecord, TokenRecord
 from sts.strict_json import is_text
+from sts.token_index import TokenIndexWriter
 
 MAX_REASON_CHARS = 500
 MAX_KILL_LIST = 1000
@@ -42,8 +43,18 @@ _LIMIT = re.compile(r"[0-9]{1,4}")
 class Admin:
     """Kill switches and exceptions; callers are already checked to be admins."""
 
-    def __init__(self, *, store: Store, catalog: Catalog, audit: AuditLog, max_token_ttl: int) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        catalog: Catalog,
+        audit: AuditLog,
+        max_token_ttl: int,
+        index: TokenIndexWriter | None = None,
+    ) -> None:
         self._store = store
+        # This process's queued index entries are written before the index is read (sts.token_index).
+        self._index = index
         self._catalog = catalog
         self._audit = audit
         self._max_token_ttl = max_token_ttl
@@ -227,6 +238,7 @@ class Admin:
             fields = _query(query, {"spiffe_id", "task_id", "limit"})
             if ("spiffe_id" in fields) == ("task_id" in fields):
                 raise InvalidRequest("name exactly one of spiffe_id or task_id")
+            self._flush_index()
             if "spiffe_id" in fields:
                 sub = str(_spiffe_id(fields["spiffe_id"], "spiffe_id"))
                 tokens = self._store.tokens(spiffe_id=sub, limit=_limit(fields))
@@ -256,6 +268,7 @@ class Admin:
         task = self._store.get_task(_text_id(task_id, "task_id"))
         if task is None:
             raise NotFound("no such task")
+        self._flush_index()
         tokens = self._store.tokens(task_id=task.id, limit=_limit(fields))
         self._audit_view(caller, "task", {"task_id": task.id}, request_id, current)
         return {**_task_view(task, current), "tokens": [self._token_view(t, current) for t in tokens]}
@@ -323,6 +336,10 @@ class Admin:
             now=current,
         )
         return result
+
+    def _flush_index(self) -> None:
+        if self._index is not None:
+            self._index.flush()
 
     def _token_view(self, token: TokenRecord, now: float) -> dict[str, Any]:
         state = self._store.token_state(token.jti, token.task_id, token.spiffe_id)

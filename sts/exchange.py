@@ -52,10 +52,12 @@ from sts.errors import (
 )
 from sts.keys import KeyRing
 from sts.policy import SVID_SUBJECT, Decision, Policy, PolicyRequest, TaskFacts
+from sts.rate_lease import RateLimiter
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import RETENTION_SECONDS, Budget, Store, TaskRecord, TokenRecord
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
 from sts.tasks import TaskService
+from sts.token_index import TokenIndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +217,12 @@ class TokenExchange:
         issued_claims: Callable[[str, float], dict[str, Any] | None],
         max_delegation_depth: int,
         assertion_verifiers: Sequence[JwtSvidVerifier] = (),
+        rate: RateLimiter | None = None,
+        index: TokenIndexWriter | None = None,
     ) -> None:
+        # Both keep the store writes of a plain exchange off its path (sts.rate_lease, sts.token_index).
+        self.rate = rate if rate is not None else RateLimiter(store)
+        self.index = index if index is not None else TokenIndexWriter(store)
         self.issued_claims = issued_claims
         self.max_delegation_depth = max_delegation_depth
         self.dpop = dpop
@@ -233,6 +240,10 @@ class TokenExchange:
         self.keys = keys
         self.audit = audit
         self.max_ttl = max_ttl
+
+    def close(self) -> None:
+        """Write the token index entries still queued (a graceful stop loses none)."""
+        self.index.close()
 
     def exchange(
         self,
@@ -452,9 +463,12 @@ class TokenExchange:
     ) -> IssuedToken:
         """Build the RFC 9068 claims and sign them; ``exp`` never outlives the subject SVID (DESIGN.md).
 
-        The token is indexed for the operators' live view (``Store.record_token``) in the same store
-        write that takes the task's budget, so a task exchange costs no extra round trip; a spent budget
-        refuses (429) with nothing recorded.
+        The token is indexed for the operators' live view. A task token in the same store write that
+        takes the task's budget (``Store.record_token``), so a task exchange costs no extra round trip;
+        a spent budget refuses (429) with nothing recorded. A token issued under an exception is also
+        recorded before it is returned: withdrawing the exception finds it there to revoke it. Any other
+        token's entry is queued and written in a batch (:mod:`sts.token_index`): the token is
+        verifiable and revocable without it.
         """
         issued_at = int(now)
         lifetimes = [entry.max_ttl, self.max_ttl] + ([policy_ttl] if policy_ttl is not None else [])
@@ -501,7 +515,9 @@ class TokenExchange:
             task_id=claims.get("task_id"),
             exception_id=exception_id,
         )
-        if not self.store.record_token(record, budget=budget):
+        if budget is None and exception_id is None:
+            self.index.add(record)
+        elif not self.store.record_token(record, budget=budget):
             # Only a budget (so a task) refuses.
             raise RateLimited(
                 f"the task's token budget ({self.limits.tokens_per_task}) is spent",
@@ -524,9 +540,9 @@ class TokenExchange:
         )
 
     def _check_rate(self, spiffe_id: SpiffeId, now: float) -> None:
-        """Exchanges per workload per second, counted in the shared store: the limit holds across replicas."""
-        count = self.store.count_in_window(f"rate:{spiffe_id}", window=1, now=now)
-        if count > self.limits.per_workload_per_second:
+        """Exchanges per workload per second, leased from the shared store (:mod:`sts.rate_lease`): never
+        more than the limit across replicas, and most exchanges of a busy workload write nothing."""
+        if not self.rate.admit(f"rate:{spiffe_id}", limit=self.limits.per_workload_per_second, now=now):
             raise RateLimited(
                 f"more than {self.limits.per_workload_per_second} exchanges per second from this workload",
                 retry_after=1,

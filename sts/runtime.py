@@ -27,6 +27,7 @@ from sts.store import RedisOptions, Store, StoreUnavailable
 from sts.store.factory import open_store
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
 from sts.tasks import TaskService
+from sts.token_index import TokenIndexWriter
 from sts.trust import BundleError, BundleSource, FileBundleSource, TrustStore
 from sts.workload_api import WorkloadApiBundleSource, WorkloadApiWatcher
 
@@ -120,6 +121,7 @@ class Services:
         if self.watcher is not None:
             self.watcher.stop()
         self.trust.close()  # the bundle-endpoint pollers
+        self.exchange.close()  # the queued token index entries, written before the store closes
         self.store.close()
         self.audit.close()
 
@@ -278,6 +280,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
     except OSError as e:
         raise ConfigError(f"audit.path: cannot open {settings.audit_path}: {e.strerror}") from e
     store = build_store(settings, audit)
+    token_index = TokenIndexWriter(store)  # plain tokens' index entries, written in batches
     tasks = TaskService(
         store=store,
         catalog=settings.catalog,
@@ -325,6 +328,7 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         issued_claims=introspection.active_claims,
         max_delegation_depth=settings.tokens.max_delegation_depth,
         token_urls=token_urls,
+        index=token_index,
     )
     return Services(
         settings=settings,
@@ -338,7 +342,11 @@ def build_services(settings: Settings, *, connect: bool = True) -> Services:
         tasks=tasks,
         introspection=introspection,
         admin=Admin(
-            store=store, catalog=settings.catalog, audit=audit, max_token_ttl=settings.tokens.max_ttl
+            store=store,
+            catalog=settings.catalog,
+            audit=audit,
+            max_token_ttl=settings.tokens.max_ttl,
+            index=token_index,
         ),
         refusals=RefusalLimiter(
             per_window=settings.limits.anonymous_refusals_per_minute,

@@ -33,6 +33,7 @@ from sts.store import (
     SubjectRevocation,
     TaskRecord,
     TaskTarget,
+    TokenRecord,
 )
 from sts.store.factory import open_store
 from sts.store.memory import MemoryStore
@@ -310,6 +311,57 @@ def test_count_in_window_counts_per_fixed_window(store: Store, clock: FakeClock)
     )  # another window size, its own count
 
 
+def test_lease_in_window_grants_at_most_the_limit_per_window(store: Store, clock: FakeClock) -> None:
+    start = (int(clock()) // 10 + 1) * 10  # the first second of a window
+    clock.now = start
+    lease = store.lease_in_window
+    assert [lease("rate:a", want=w, limit=10, window=10, now=start + 1) for w in (1, 4, 4, 4, 4)] == [
+        1,
+        4,
+        4,
+        1,  # only what is left
+        0,  # spent: nothing granted, nothing changed
+    ]
+    assert lease("rate:b", want=3, limit=10, window=10, now=start + 2) == 3  # its own key
+    assert lease("rate:a", want=5, limit=10, window=5, now=start + 2) == 5  # another window size
+    assert lease("rate:c", want=1, limit=0, window=10, now=start) == 0
+    clock.now = start + 10
+    assert lease("rate:a", want=7, limit=10, window=10, now=start + 10) == 7  # the next window
+    # count_in_window counts in the same counter: one more hit than the units leased.
+    assert store.count_in_window("rate:a", window=10, now=start + 10) == 8
+    assert lease("rate:a", want=5, limit=10, window=10, now=start + 10) == 2
+    huge = 10**9
+    assert lease("rate:h", want=huge // 20, limit=huge, window=10, now=start + 10) == huge // 20
+
+
+def test_record_tokens_indexes_a_batch_as_record_token_does(store: Store, clock: FakeClock) -> None:
+    now = int(clock())
+    batch = [
+        TokenRecord(
+            f"j{i}",
+            AGENT if i % 2 else OTHER,
+            "tool:calc",
+            "tool",
+            now + i,
+            now + 60,
+            "none",
+            task_id="t1" if i < 3 else None,
+        )
+        for i in range(6)
+    ]
+    store.record_tokens(batch)
+    store.record_tokens([])
+    assert [t.jti for t in store.tokens(spiffe_id=AGENT, limit=10)] == ["j5", "j3", "j1"]
+    assert [t.jti for t in store.tokens(spiffe_id=OTHER, limit=10)] == ["j4", "j2", "j0"]
+    assert [t.jti for t in store.tokens(task_id="t1", limit=10)] == ["j2", "j1", "j0"]
+    assert store.tokens(task_id="t1", limit=10)[0] == batch[2]
+    single = TokenRecord("one", AGENT, "tool:calc", "tool", now + 9, now + 60, "none")
+    assert store.record_token(single)
+    assert store.tokens(spiffe_id=AGENT, limit=1) == [single]  # both writes, one shape
+    clock.advance(61)
+    assert store.tokens(spiffe_id=AGENT, limit=10) == []
+
+
 def test_take_budget_never_exceeds_its_limit(store: Store, clock: FakeClock) -> None:
     end = int(clock()) + 600
     assert [store.take_budget("task-1", limit=3, expires_at=end) for _ in range(5)] == [True] * 3 + [
@@ -578,6 +630,7 @@ def test_redis_keys_expire_at_the_records_end(redis_server: RedisServer, clock: 
     store.add_exception(make_grant(clock, "exc-a", ttl=60))
     store.add_exception(make_grant(clock, "exc-b", OTHER, ttl=90))
     store.count_in_window("rate:a", window=60, now=now)
+    store.lease_in_window("rate:l", want=3, limit=5, window=60, now=now)
     store.take_budget("task-1", limit=5, expires_at=now + 600)
     store.use_once("jti-9", expires_at=now + 30)
     slot = now // 60
@@ -595,6 +648,7 @@ def test_redis_keys_expire_at_the_records_end(redis_server: RedisServer, clock: 
         f"sts:exceptions-of:{OTHER}": now + 90 + RETENTION_SECONDS,
         "sts:exceptions-all": now + 90 + RETENTION_SECONDS,
         f"sts:window:rate:a:{slot}": (slot + 1) * 60,
+        f"sts:window:rate:l:{slot}": (slot + 1) * 60,
         "sts:budget:task-1": now + 600,
         "sts:once:jti-9": now + 30,
     }
@@ -620,6 +674,11 @@ def every_method(clock: FakeClock) -> list[tuple[str, Callable[[Store], object]]
         ("add_exception", lambda s: s.add_exception(make_grant(clock, "exc-z"))),
         ("exceptions", lambda s: s.exceptions()),
         ("count_in_window", lambda s: s.count_in_window("rate:a", window=1, now=clock())),
+        ("lease_in_window", lambda s: s.lease_in_window("rate:a", want=2, limit=5, window=1, now=clock())),
+        (
+            "record_tokens",
+            lambda s: s.record_tokens([TokenRecord("j", AGENT, "t", "tool", int(clock()), end, "none")]),
+        ),
         ("take_budget", lambda s: s.take_budget("task-1", limit=5, expires_at=end)),
         ("use_once", lambda s: s.use_once("jti-8", expires_at=end)),
     ]

@@ -196,6 +196,8 @@ def test_flushall_is_a_loss_every_store_sees_within_a_second(single: RedisServer
             store.subject_revocation(AGENT)
         with pytest.raises(StoreLost):
             store.count_in_window(f"rate:{AGENT}", window=1, now=time.time())
+        with pytest.raises(StoreLost):
+            store.lease_in_window(f"rate:{AGENT}", want=1, limit=20, window=1, now=time.time())
         # Every token issued before is cut off (introspection: inactive), whatever the store now holds.
         state = store.token_state("jti-any", None, AGENT)
         assert state.subject_revocation is not None and state.subject_revocation.revoked_at >= issued_at
@@ -217,6 +219,7 @@ def test_flushall_is_a_loss_every_store_sees_within_a_second(single: RedisServer
     assert int(time.time()) > loss.not_before  # a token issued now lives
     for store in (one, two):
         assert store.count_in_window(f"rate:{AGENT}", window=1, now=time.time()) >= 1
+        assert store.lease_in_window(f"rate:{AGENT}", want=1, limit=10**6, window=1, now=time.time()) == 1
         assert store.subject_revocation(AGENT) is None
         assert store.subject_revocation(KILLED) is not None  # killed workloads stay killed
         state = store.token_state("jti-any", None, AGENT)

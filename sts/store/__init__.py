@@ -26,7 +26,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -313,6 +313,10 @@ class Store(Protocol):
         """Index an issued token until it expires, taking one unit of ``budget`` in the same write;
         False (nothing recorded, nothing taken) when the budget is spent."""
 
+    def record_tokens(self, tokens: Sequence[TokenRecord]) -> None:
+        """Index many issued tokens (no budget) in one transaction or round trip: the batches of
+        :class:`~sts.token_index.TokenIndexWriter`, stored exactly as :meth:`record_token` stores one."""
+
     def tokens(
         self, *, task_id: str | None = None, spiffe_id: str | None = None, limit: int
     ) -> list[TokenRecord]:
@@ -321,6 +325,11 @@ class Store(Protocol):
     # Counters shared by every replica
     def count_in_window(self, key: str, *, window: int, now: float) -> int:
         """Add one hit to ``key``'s fixed window of ``window`` seconds containing ``now``; the new count."""
+
+    def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
+        """Take up to ``want`` units of ``key``'s fixed window of ``window`` seconds containing ``now``,
+        which holds ``limit`` units in all, atomically for every replica: ``min(want, limit - used)``
+        are granted (0 when spent) and their number returned (:mod:`sts.rate_lease` lends them out)."""
 
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:
         """Consume one unit of ``key``'s budget of ``limit``; False (and nothing consumed) when spent."""

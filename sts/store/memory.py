@@ -7,7 +7,7 @@ import heapq
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from sts.store import (
@@ -98,14 +98,23 @@ class MemoryStore:
                 if used >= budget.limit:
                     return False
                 self._counters[budget.key] = (used + 1, budget.expires_at)
-            if token.expires_at <= self._clock():
-                return True  # already expired: never visible, as in the other backends
-            self._tokens[token.jti] = token
-            heapq.heappush(self._token_expiry, (token.expires_at, token.jti))
-            if token.task_id is not None:
-                self._tokens_of_task.setdefault(token.task_id, set()).add(token.jti)
-            self._tokens_of_subject.setdefault(token.spiffe_id, set()).add(token.jti)
+            self._index(token)
             return True
+
+    def record_tokens(self, tokens: Sequence[TokenRecord]) -> None:
+        with self._lock:
+            self._prune_tokens()
+            for token in tokens:
+                self._index(token)
+
+    def _index(self, token: TokenRecord) -> None:
+        if token.expires_at <= self._clock():
+            return  # already expired: never visible, as in the other backends
+        self._tokens[token.jti] = token
+        heapq.heappush(self._token_expiry, (token.expires_at, token.jti))
+        if token.task_id is not None:
+            self._tokens_of_task.setdefault(token.task_id, set()).add(token.jti)
+        self._tokens_of_subject.setdefault(token.spiffe_id, set()).add(token.jti)
 
     def tokens(
         self, *, task_id: str | None = None, spiffe_id: str | None = None, limit: int
@@ -197,6 +206,16 @@ class MemoryStore:
             count = self._counter(slot) + 1
             self._counters[slot] = (count, (int(now // window) + 1) * window)
             return count
+
+    def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
+        slot = int(now // window)
+        name = f"{key}:{slot}"
+        with self._lock:
+            used = self._counter(name)
+            granted = max(0, min(want, limit - used))
+            if granted:
+                self._counters[name] = (used + granted, (slot + 1) * window)
+            return granted
 
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:
         with self._lock:

@@ -18,11 +18,11 @@ one of them fails closed or costs little.
 introspection (one more key of the same MGET, no extra round trip), on every new connection, and by a
 monitor thread every :data:`CHECK_INTERVAL` seconds, which also keeps this process's mirror of the kill
 list (``sts:kills``, read only when ``sts:gen`` moved) and checks ``sts:gen`` for a rollback. While a
-loss is in force: the rate check of an exchange (:meth:`count_in_window`) and every kill-switch read
-(:meth:`subject_revocation`, outside :func:`~sts.store.tolerating_store_loss`) raise
-:class:`~sts.store.StoreLost` (503); :meth:`token_state` reports every token issued at or before the
-not-before as cut off (introspection: inactive), and for good; :meth:`use_once` refuses keys that may
-have been used before the loss.
+loss is in force: the rate check of an exchange (:meth:`lease_in_window`; :meth:`count_in_window` too)
+and every kill-switch read (:meth:`subject_revocation`, outside
+:func:`~sts.store.tolerating_store_loss`) raise :class:`~sts.store.StoreLost` (503);
+:meth:`token_state` reports every token issued at or before the not-before as cut off (introspection:
+inactive), and for good; :meth:`use_once` refuses keys that may have been used before the loss.
 
 **Failover.** With a ``redis+sentinel://`` URL the pool asks the Sentinels for the primary when it
 connects, a connection that reaches a replica is refused (``ROLE``), and the monitor asks the
@@ -439,6 +439,14 @@ class DurableRedisStore(RedisStore):
         if self._guard.refusing(self._clock()):
             raise self._guard.refusal()
         return super().count_in_window(key, window=window, now=now)
+
+    @_answers
+    def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
+        """The rate limiter's lease (:mod:`sts.rate_lease`), refused during a loss as the count is."""
+        self._ensure_monitor()
+        if self._guard.refusing(self._clock()):
+            raise self._guard.refusal()
+        return super().lease_in_window(key, want=want, limit=limit, window=window, now=now)
 
     @_answers
     def use_once(self, key: str, *, expires_at: int) -> bool:

@@ -12,7 +12,7 @@ Owns the Redis key layout (all under ``sts:``) and the JSON form of records in i
     sts:tasks                   zset: task ids scored by keep-until   EXPIREAT its highest score
     sts:tokens-of:<spiffe id>   zset: token JSON scored by its exp    EXPIREAT its highest score
     sts:tokens-of-task:<id>     zset: the same, per task              EXPIREAT its highest score
-    sts:window:<key>:<slot>     hits in one fixed window              EXPIREAT the window's end
+    sts:window:<key>:<slot>     hits (units leased) in one window     EXPIREAT the window's end
     sts:budget:<key>            units taken                           EXAT expires_at
     sts:once:<key>              1                                     EXAT expires_at
 
@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Concatenate, ParamSpec, TypeVar, cast
 
 import redis
@@ -138,6 +138,16 @@ for i = 2, #KEYS do
 end
 return 1
 """
+# KEYS: window. ARGV: want, limit, the window's end. Grants min(want, limit - used) units (0 when
+# spent) and returns how many; the window key is the one count_in_window increments.
+_LEASE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local granted = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - used)
+if granted <= 0 then return 0 end
+redis.call('INCRBY', KEYS[1], string.format('%d', granted))
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
+return granted
+"""
 # KEYS: grant, workload index, global index. ARGV: the grant JSON read, its withdrawn JSON.
 # Replaces the grant everywhere it is kept, unless it changed since it was read (0: read again).
 _WITHDRAW = """
@@ -207,6 +217,7 @@ class RedisStore:
         self._create_task = self._redis.register_script(_CREATE_TASK)
         self._record_token = self._redis.register_script(_RECORD_TOKEN)
         self._withdraw = self._redis.register_script(_WITHDRAW)
+        self._lease = self._redis.register_script(_LEASE)
 
     @_answers
     def ping(self) -> None:
@@ -274,13 +285,31 @@ class RedisStore:
 
     @_answers
     def record_token(self, token: TokenRecord, *, budget: Budget | None = None) -> bool:
+        keys, args = self._token_call(token, budget, self._clock())
+        return bool(self._record_token(keys=keys, args=args))
+
+    @_answers
+    def record_tokens(self, tokens: Sequence[TokenRecord]) -> None:
+        if not tokens:
+            return
+        now = self._clock()
+        # The script of record_token once per token, all in one MULTI/EXEC: one round trip.
+        pipe = self._redis.pipeline(transaction=True)
+        for token in tokens:
+            keys, args = self._token_call(token, None, now)
+            self._record_token(keys=keys, args=args, client=pipe)
+        pipe.execute()
+
+    def _token_call(
+        self, token: TokenRecord, budget: Budget | None, now: float
+    ) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of the ``_RECORD_TOKEN`` script for one token."""
         keys = [
             f"{PREFIX}budget:{budget.key}" if budget is not None else f"{PREFIX}budget:-",
             f"{PREFIX}tokens-of:{token.spiffe_id}",
         ]
         if token.task_id is not None:
             keys.append(f"{PREFIX}tokens-of-task:{token.task_id}")
-        now = self._clock()
         if token.expires_at <= now:
             keys = keys[:1]  # already expired: nothing to index (the budget is still taken)
         args: list[str | int] = [
@@ -290,7 +319,7 @@ class RedisStore:
             _at(token.expires_at),
             int(now),
         ]
-        return bool(self._record_token(keys=keys, args=args))
+        return keys, args
 
     @_answers
     def tokens(
@@ -400,6 +429,12 @@ class RedisStore:
         pipe.expireat(name, _at((slot + 1) * window))
         count, _ = pipe.execute()
         return int(count)
+
+    @_answers
+    def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
+        slot = int(now // window)
+        name = f"{PREFIX}window:{key}:{slot}"
+        return int(self._lease(keys=[name], args=[want, limit, _at((slot + 1) * window)]))
 
     @_answers
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -293,6 +293,17 @@ class SqliteStore:
         return True
 
     @_answers
+    def record_tokens(self, tokens: Sequence[TokenRecord]) -> None:
+        if not tokens:
+            return
+        conn, _ = self._writer()
+        rows = [
+            (t.jti, t.task_id, t.spiffe_id, t.issued_at, record_json(t), t.expires_at) for t in tokens
+        ]
+        with _immediate(conn):  # one commit for the whole batch
+            conn.executemany(_RECORD_TOKEN, rows)
+
+    @_answers
     def tokens(
         self, *, task_id: str | None = None, spiffe_id: str | None = None, limit: int
     ) -> list[TokenRecord]:
@@ -407,6 +418,25 @@ class SqliteStore:
         slot = int(now // window)
         rows = conn.execute(_COUNT, (f"window:{key}:{slot}", (slot + 1) * window, current)).fetchall()
         return int(rows[0][0])
+
+    @_answers
+    def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
+        conn, current = self._writer()
+        slot = int(now // window)
+        name = f"window:{key}:{slot}"  # the row count_in_window keeps: the same counter
+        # Read then write under the write lock: no other process can take units in between.
+        with _immediate(conn):
+            rows = conn.execute(
+                "SELECT value FROM counters WHERE key = ? AND expires_at > ?", (name, current)
+            ).fetchall()
+            used = int(rows[0][0]) if rows else 0
+            granted = max(0, min(want, limit - used))
+            if granted:
+                conn.execute(
+                    "INSERT OR REPLACE INTO counters (key, value, expires_at) VALUES (?, ?, ?)",
+                    (name, used + granted, (slot + 1) * window),
+                )
+        return granted
 
     @_answers
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:

@@ -162,7 +162,7 @@ class AsgiApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._deadlines.stop()
-                self._http.services.close()  # flushes the audit log and the store
+                self._http.services.close()  # writes the token index, flushes the audit log and the store
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

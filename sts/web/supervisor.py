@@ -3,7 +3,7 @@
 uvicorn's :class:`~uvicorn.supervisors.Multiprocess` forwards SIGINT/SIGTERM to its workers and then
 joins each one without a time limit, so one worker stuck past its graceful shutdown keeps ``sts
 serve`` (and the port) alive forever. Here the join is bounded by the drain deadline plus a margin
-for the lifespan shutdown (audit log and store flushed); a worker still alive then is killed and
+for the lifespan shutdown (token index, audit log and store flushed); a worker still alive then is killed and
 logged, so a stop always ends.
 """
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
 MULTIPROC_PREFIX = "sts-metrics-"
 
-SHUTDOWN_MARGIN_SECONDS = 3.0  # after the drain: lifespan shutdown, closing the store
+SHUTDOWN_MARGIN_SECONDS = 3.0  # after the drain: lifespan shutdown, the token index written, the store closed
 
 
 class BoundedMultiprocess(Multiprocess):
