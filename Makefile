@@ -93,17 +93,17 @@ spire:
 test-spire: $(STAMP) spire
 	STS_SPIRE_BIN=$$(spire/real/build.sh) $(BIN)/pytest tests/spire_real
 
-## bench: the benchmark end to end on loopback (needs wrk); QUICK=1 for about a minute (N=16,64, no peer);
+## bench: the benchmark end to end on loopback (installs wrk and redis-server when missing); QUICK=1 for
+## about a minute (N=16,64, no peer, no Redis or slow-client runs); SOAK=1 adds a 10-minute soak;
 ## CHECK=1 exits 1 when a target is NOT MET
-bench: $(STAMP)
-	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install -y wrk"; exit 2; }
-	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick) $(if $(filter 1,$(CHECK)),--check)
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick) $(if $(filter 1,$(CHECK)),--check) \
+	  $(if $(filter 1,$(SOAK)),--soak 10)
 
-## bench-peer: the full benchmark, then Keycloak (Maven Central) and authgent-server (PyPI, throwaway venv)
-## with the same load shape
-bench-peer: $(STAMP)
-	@command -v wrk >/dev/null || { echo "make bench-peer needs wrk: apt-get install -y wrk"; exit 2; }
-	$(BIN)/python -m bench --peer $(if $(filter 1,$(CHECK)),--check)
+## bench-peer: the full benchmark, then authgent-server (PyPI, throwaway venv) and Keycloak (Maven Central,
+## cached outside the repository; needs Java 17+ and Maven) with the same load shape
+bench-peer: $(STAMP) system-deps
+	$(BIN)/python -m bench --peer $(if $(filter 1,$(CHECK)),--check) $(if $(filter 1,$(SOAK)),--soak 10)
 
 clean:
 	rm -rf $(VENV) state .mypy_cache .ruff_cache .pytest_cache $(INTEROP)/node_modules

@@ -50,6 +50,28 @@ def write_requests(path: Path, pool: Sequence[PoolRequest]) -> Path:
     return path
 
 
+def outcome_errors(
+    pool: Sequence[PoolRequest], answered: dict[str, int], sent: dict[str, int], in_flight: int
+) -> int:
+    """Answers that cannot be the right ones, when they are matched by outcome instead of by id.
+
+    Kinds with the same expected status and needle form one outcome. More answers of an outcome than
+    requests of it sent are wrong (a valid request refused, or a refused one let through, shows up
+    so); fewer are allowed only for the requests still in flight when the run stopped: up to two per
+    connection, as wrk builds each connection's next request before it knows the run is over.
+    """
+    outcome_of = {item.kind: (item.status, item.needle) for item in pool}
+    sent_by: dict[tuple[int, str], int] = {}
+    answered_by: dict[tuple[int, str], int] = {}
+    for kind, n in sent.items():
+        sent_by[outcome_of[kind]] = sent_by.get(outcome_of[kind], 0) + n
+    for kind, n in answered.items():
+        answered_by[outcome_of[kind]] = answered_by.get(outcome_of[kind], 0) + n
+    excess = sum(max(0, n - sent_by.get(outcome, 0)) for outcome, n in answered_by.items())
+    missing = sum(max(0, n - answered_by.get(outcome, 0)) for outcome, n in sent_by.items())
+    return excess + max(0, missing - excess - 2 * in_flight)
+
+
 @dataclass(frozen=True, slots=True)
 class LoadResult:
     """One wrk run at ``connections`` connections for ``seconds``."""
@@ -115,8 +137,14 @@ def run_wrk(
     server_pid: int | None = None,
     threads: int = 1,
     timeout_s: int = 5,
+    by_outcome: Sequence[PoolRequest] | None = None,
 ) -> LoadResult:
-    """One closed-loop run; counts only answers that match what each request should get."""
+    """One closed-loop run; counts only answers that match what each request should get.
+
+    ``by_outcome`` (the pool the file was written from) is for a server that does not echo
+    ``X-Request-Id``: answers are then matched by status and body, and their count per outcome is
+    checked against the requests of that outcome sent (:func:`outcome_errors`).
+    """
     command = [
         wrk_binary(),
         f"-t{min(threads, connections)}",
@@ -128,6 +156,7 @@ def run_wrk(
         url,
         "--",
         str(requests_file),
+        *(["by-outcome"] if by_outcome is not None else []),
     ]
     pids = process_tree(server_pid) if server_pid else []
     server_before = {pid: cpu_seconds([pid]) for pid in pids}
@@ -156,6 +185,8 @@ def run_wrk(
     refused_ok = sum(n for kind, n in correct.items() if kind != "valid")
     # connect/read/write errors and timeouts are errors; answers we could not match to a request too.
     errors = data["wrong"] + data["unmatched"] + sum(socket_errors.values())
+    if by_outcome is not None:
+        errors += outcome_errors(by_outcome, correct, data["sent"], connections)
     return LoadResult(
         connections=connections,
         seconds=wall,
@@ -173,6 +204,7 @@ def run_wrk(
             "server_cores_by_process": [round(c / wall, 3) for c in server_by_process],
             "other_cores": None if others is None else round(others / wall, 3),
             "correct_by_kind": correct,
+            **({"sent_by_kind": data["sent"]} if by_outcome is not None else {}),
             "socket_errors": socket_errors,
             "wrong": data["wrong"],
             "unmatched": data["unmatched"],
@@ -236,6 +268,7 @@ def sweep(
     log: Callable[[str], None],
     label: str = "",
     pause_s: float = 1.0,
+    by_outcome: Sequence[PoolRequest] | None = None,
 ) -> dict[int, Summary]:
     """Every N ``repeats`` times, interleaved (N=1,16,64, then again) so drift hits every N alike."""
     results: dict[int, list[LoadResult]] = {n: [] for n in connections}
@@ -244,7 +277,14 @@ def sweep(
             waited = wait_quiet()
             if waited > 1:
                 log(f"  (waited {waited:.0f} s for other load on the machine to calm down)")
-            result = run_wrk(url, requests_file, connections=n, seconds=seconds, server_pid=server_pid)
+            result = run_wrk(
+                url,
+                requests_file,
+                connections=n,
+                seconds=seconds,
+                server_pid=server_pid,
+                by_outcome=by_outcome,
+            )
             results[n].append(result)
             log(
                 f"  {label}N={n:<3} run {repeat + 1}/{repeats}: {result.exchanges_per_s:8.0f} exchanges/s  "

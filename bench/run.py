@@ -32,7 +32,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench import inprocess, load, ours, peer, pyspy, servers
+from bench import inprocess, keycloak, load, ours, peer, pyspy, scenarios, servers
 from tests.authority import TestAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +45,10 @@ TARGET_P99_MS = 20.0
 TARGET_P50_MS_N1 = 0.3
 TARGET_CEILING_SHARE = 0.25
 TARGET_PEER_RATIO = 20.0
+TARGET_KEYCLOAK_RATIO = 10.0
+TARGET_REDIS_EXCHANGES_PER_S = 3500
+TARGET_SLOW_CLIENTS_P99_MS = 50.0
+TARGET_SOAK_RSS_DRIFT = 0.10
 TARGET_VERIFIER_RATIO = 1.5
 TARGET_RSS_MB = 150.0
 
@@ -60,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, help="seconds per load run (default 10, quick 5)")
     parser.add_argument("--repeats", type=int, help="runs per N, medians reported (default 3)")
     parser.add_argument("--connections", type=str, help="comma-separated N (default 1,16,64; quick 16,64)")
+    parser.add_argument(
+        "--soak", type=float, metavar="MINUTES", help="also a soak at N=64 (make bench SOAK=1: 10)"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a measured target is NOT MET")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, audit, database)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
@@ -292,6 +299,13 @@ def _run(
     if spied is not None:
         results["pyspy"] = spied
 
+    scenario = scenarios.Scenario(scratch, authority, url, requests_file, seconds, repeats, _log)
+    if not quick:
+        results["redis"] = _guarded("redis store", lambda: scenarios.redis_store(scenario))
+        results["slow_clients"] = _guarded("slow clients", lambda: scenarios.slow_clients(scenario))
+    if args.soak:
+        results["soak"] = _guarded("soak", lambda: scenarios.soak(scenario, minutes=args.soak))
+
     if args.servers:
         _log("servers with the same app and load")
         directory = scratch / "servers"
@@ -311,8 +325,18 @@ def _run(
 
     if args.peer:
         results["peer"] = _peer(scratch, connections, seconds, repeats, args.peer_workers, results)
+        results["peer_keycloak"] = _peer_keycloak(scratch, authority, connections, seconds, repeats, results)
     results["targets"] = _targets(results)
     return results
+
+
+def _guarded(what: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A scenario's figures, or why it could not be measured (the rest of the run still counts)."""
+    try:
+        return measure()
+    except (subprocess.SubprocessError, RuntimeError, OSError) as e:
+        _log(f"{what}: could not be measured: {e}")
+        return {"error": str(e)}
 
 
 def _check_pool(url: str, pool: list[ours.PoolRequest], who: str) -> int:
@@ -395,6 +419,30 @@ def _peer(
     }
 
 
+def _peer_keycloak(
+    scratch: Path,
+    authority: TestAuthority,
+    connections: list[int],
+    seconds: float,
+    repeats: int,
+    ours_results: dict[str, Any],
+) -> dict[str, Any]:
+    try:
+        return keycloak.measure(
+            scratch / "keycloak",
+            authority,
+            connections=connections,
+            seconds=seconds,
+            repeats=repeats,
+            warm_up_s=keycloak.WARM_UP_SECONDS,
+            ours_results=ours_results,
+            log=_log,
+        )
+    except (subprocess.SubprocessError, RuntimeError, OSError) as e:
+        _log(f"keycloak: could not be measured: {e}")
+        return {"error": str(e)}
+
+
 def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with the figure measured in this run (None: not measured in this mode)."""
     rate, p50, p99 = results["exchanges_per_s"], results["p50_ms"], results["p99_ms"]
@@ -402,7 +450,18 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "peer" in results and "ratio_ours_over_theirs" in results["peer"]:
         top = str(max(int(n) for n in results["peer"]["ratio_ours_over_theirs"]))
         peer_ratio = results["peer"]["ratio_ours_over_theirs"][top]["exchanges_per_s"]
+    keycloak_ratio = None
+    if "ratio_ours_over_theirs" in results.get("peer_keycloak", {}):
+        keycloak_ratio = (
+            results["peer_keycloak"]["ratio_ours_over_theirs"].get("64", {}).get("exchanges_per_s")
+        )
     rss = results["memory"]["rss_mb_per_worker"]
+    redis_rate = results.get("redis", {}).get("exchanges_per_s")
+    slow_p99 = results.get("slow_clients", {}).get("p99_ms")
+    soak = results.get("soak", {})
+    soak_errors = soak.get("errors") if "audit_complete" in soak else None
+    if soak_errors is not None and not soak["audit_complete"]:
+        soak_errors += 1  # an answer without its audit line (or the reverse) is an error of the soak
 
     def row(name: str, value: float | None, limit: float, higher_is_better: bool) -> dict[str, Any]:
         met = None if value is None else (value >= limit if higher_is_better else value <= limit)
@@ -414,6 +473,16 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         row("p50 ms at N=1", p50.get("1"), TARGET_P50_MS_N1, False),
         row("share of crypto ceiling x cores", results["ceiling_ratio"], TARGET_CEILING_SHARE, True),
         row("ours/authgent exchanges/s", peer_ratio, TARGET_PEER_RATIO, True),
+        row("ours/Keycloak exchanges/s at N=64", keycloak_ratio, TARGET_KEYCLOAK_RATIO, True),
+        row("Redis store: exchanges/s at N=64", redis_rate, TARGET_REDIS_EXCHANGES_PER_S, True),
+        row("1,000 slow conns: p99 ms at N=64", slow_p99, TARGET_SLOW_CLIENTS_P99_MS, False),
+        row(
+            "soak: worker RSS drift after warm-up",
+            soak.get("rss_drift_after_warm_up"),
+            TARGET_SOAK_RSS_DRIFT,
+            False,
+        ),
+        row("soak: errors (incl. audit gaps)", soak_errors, 0, False),
         row("verifier / raw ES256 verify", results["verifier_ratio"], TARGET_VERIFIER_RATIO, False),
         row("RSS MB per worker (this run, not 1M)", max(rss) if rss else None, TARGET_RSS_MB, False),
     ]
@@ -433,10 +502,7 @@ def _table(r: dict[str, Any]) -> str:
     dirty = f" + uncommitted {', '.join(code['uncommitted_in_sts'])}" if code["uncommitted_in_sts"] else ""
     add(f"code:   commit {code['commit']}{dirty}; command: {r['command']}")
     s = r["server"]
-    add(
-        f"server: sts serve (uvicorn, uvloop) {s['workers']} workers, "
-        "SQLite store, audit file"
-    )
+    add(f"server: sts serve (uvicorn, uvloop) {s['workers']} workers, SQLite store, audit file")
     add(f"load:   {r['generator']}")
     add(f"mix:    {r['mix']}")
     add(f"        medians of {r['runs_per_n']} runs x {r['seconds_per_run']:.0f} s per N")
@@ -509,6 +575,58 @@ def _table(r: dict[str, Any]) -> str:
                 for n, f in by_n.items()
             )
             add(f"  {name:<38} {cells}")
+    for key, title in (("redis", "Redis store"), ("slow_clients", "1,000 slow connections")):
+        if key in r:
+            x = r[key]
+            add("")
+            if "error" in x:
+                add(f"{title}: NOT MEASURED: {x['error']}")
+                continue
+            extra = (
+                f"; slow connections held: median {x['held_median']}, min {x['held_min']}, "
+                f"{x['closed_by_server']} closed by the server and re-opened"
+                if key == "slow_clients"
+                else ""
+            )
+            add(
+                f"{title}, N=64: {x['exchanges_per_s']:.0f} exchanges/s p50 {x['p50_ms']:.2f} ms "
+                f"p99 {x['p99_ms']:.2f} ms errors {x['error_rate']:.2%} "
+                f"{x['server_cpu_us_per_request']:.0f} us/req" + extra
+            )
+    if "soak" in r:
+        x = r["soak"]
+        add("")
+        if "error" in x:
+            add(f"soak: NOT MEASURED: {x['error']}")
+        else:
+            first, last = x["samples"][0], x["samples"][-1]
+            add(
+                f"soak {x['minutes']:g} min at N=64: {x['requests']:,} answers, {x['errors']} errors; "
+                "RSS per worker "
+                f"{first['rss_mb_per_worker']} -> {last['rss_mb_per_worker']} MB (drift after warm-up "
+                f"{x['rss_drift_after_warm_up']:.1%}); store max {x['store_bytes_max'] / 1e6:.1f} MB; audit "
+                f"{'complete' if x['audit_complete'] else 'LINES MISSING OR EXTRA'}"
+            )
+    if "peer_keycloak" in r:
+        k = r["peer_keycloak"]
+        add("")
+        if "error" in k:
+            add(f"peer Keycloak: NOT MEASURED: {k['error']}")
+        else:
+            add(f"peer: {k['setup']}")
+            add(
+                f"  started in {k['start_s']} s, warmed {k['warm_up_s']:.0f} s; "
+                f"RSS {k['rss_mb_idle']} MB idle, "
+                f"{k['rss_mb_after_load']} MB after the load"
+            )
+            tx = k["token_exchange_v2"]
+            for n, ratio in k["ratio_ours_over_theirs"].items():
+                add(
+                    f"  N={n:>3}: client_credentials {k['exchanges_per_s'][n]:.0f}/s p50 {k['p50_ms'][n]:.1f}"
+                    f" p99 {k['p99_ms'][n]:.1f} ms {k['server_cpu_us_per_request'][n]:.0f} us/req"
+                    f" errors {k['error_rate'][n]:.2%}; token exchange {tx['exchanges_per_s'][n]:.0f}/s"
+                    f" p99 {tx['p99_ms'][n]:.1f} ms; ours/theirs {_fmt(ratio['exchanges_per_s'], '.1f')}x"
+                )
     if "peer" in r:
         p = r["peer"]
         add("")

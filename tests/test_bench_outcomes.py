@@ -1,0 +1,44 @@
+"""The bench's check of a peer's answers when they cannot be matched to requests by id (Keycloak).
+
+A server that does not echo ``X-Request-Id`` is loaded with wrk matching answers by status and body;
+``bench.load.outcome_errors`` then compares, per outcome, answers with requests sent. A valid request
+refused, or a refused one let through, must count as an error, whichever order wrk saw them in.
+"""
+
+from __future__ import annotations
+
+from bench.load import outcome_errors
+from bench.ours import PoolRequest
+
+POOL = [
+    PoolRequest("v1", "valid", 200, '"access_token"', "a"),
+    PoolRequest("r1", "refused:expired", 400, '"invalid_client"', "b"),
+    PoolRequest("r2", "refused:wrong_audience", 400, '"invalid_client"', "c"),
+    PoolRequest("r3", "refused:no_client", 401, '"invalid_client"', "d"),
+]
+
+
+def test_every_answer_as_sent_is_no_error() -> None:
+    sent = {"valid": 900, "refused:expired": 50, "refused:wrong_audience": 30, "refused:no_client": 20}
+    # Kinds with one outcome are counted under the first of them: only the outcome's total matters.
+    answered = {"valid": 900, "refused:expired": 80, "refused:no_client": 20}
+    assert outcome_errors(POOL, answered, sent, in_flight=4) == 0
+
+
+def test_requests_in_flight_at_the_end_are_allowed_up_to_two_per_connection() -> None:
+    sent = {"valid": 908, "refused:expired": 80, "refused:no_client": 20}
+    answered = {"valid": 900, "refused:expired": 80, "refused:no_client": 20}
+    assert outcome_errors(POOL, answered, sent, in_flight=4) == 0
+    assert outcome_errors(POOL, answered, sent, in_flight=3) == 2
+
+
+def test_a_refused_request_answered_with_a_token_is_an_error() -> None:
+    sent = {"valid": 900, "refused:expired": 80, "refused:no_client": 20}
+    answered = {"valid": 905, "refused:expired": 75, "refused:no_client": 20}
+    assert outcome_errors(POOL, answered, sent, in_flight=64) == 5
+
+
+def test_a_valid_request_refused_is_an_error() -> None:
+    sent = {"valid": 900, "refused:expired": 80, "refused:no_client": 20}
+    answered = {"valid": 897, "refused:expired": 80, "refused:no_client": 23}
+    assert outcome_errors(POOL, answered, sent, in_flight=64) == 3
