@@ -198,10 +198,11 @@ def stages(
 # Stage name → (which object of the exchange, which of its methods). The objects are the exchange's own.
 _STAGE_METHODS: tuple[tuple[str, str, str], ...] = (
     ("svid_verify", "verifier", "verify"),
-    ("store", "store", "count_in_window"),
+    ("store", "rate", "admit"),  # the rate limit's local units, and a store lease when they run out
     ("store", "store", "subject_revocation"),
     ("store", "store", "exceptions"),
-    ("store", "store", "take_budget"),
+    ("store", "store", "record_token"),  # task and exception tokens (with their budget)
+    ("store", "index", "add"),  # any other token's index entry: queued, written in batches
     ("policy", "policy", "decide"),
     ("sign", "keys", "sign"),
     ("audit", "audit", "record"),
@@ -302,7 +303,9 @@ def _isolated_stages(services: Services, body: str, batch_s: float) -> dict[str,
         "parse_form": measure(lambda: ExchangeRequest.from_form(_form(body))),
         "svid_verify": measure(lambda: exchange.verifier.verify(token)),
         "store_rate_counter": measure(
-            lambda: store.count_in_window(f"rate:{spiffe_id}", window=1, now=time.time())
+            lambda: exchange.rate.admit(
+                f"rate:{spiffe_id}", limit=exchange.limits.per_workload_per_second, now=time.time()
+            )
         ),
         "store_revocation_read": measure(lambda: store.subject_revocation(spiffe_id)),
         "store_exceptions_read": measure(lambda: store.exceptions(spiffe_id)),

@@ -329,6 +329,10 @@ def _uvicorn(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         server_header=False,
+        # The peer is the connection's address. uvicorn's default trusts X-Forwarded-For from
+        # 127.0.0.1, so a local process or a sidecar's caller could choose its own source and pass
+        # metrics.allow or spread anonymous refusals over invented addresses.
+        proxy_headers=False,
         limit_concurrency=server.max_connections,
         backlog=min(max(1024, server.max_connections), 65535),
         timeout_keep_alive=server.header_timeout,
