@@ -199,8 +199,8 @@ def stages(
 _STAGE_METHODS: tuple[tuple[str, str, str], ...] = (
     ("svid_verify", "verifier", "verify"),
     ("store", "rate", "admit"),  # the rate limit's local units, and a store lease when they run out
-    ("store", "store", "subject_revocation"),
-    ("store", "store", "exceptions"),
+    ("store", "store", "issuance_checks"),  # the kill switch and the exceptions, one read
+    ("store", "store", "subject_revocation"),  # an actor's kill switch
     ("store", "store", "record_token"),  # task and exception tokens (with their budget)
     ("store", "index", "add"),  # any other token's index entry: queued, written in batches
     ("policy", "policy", "decide"),
@@ -307,8 +307,7 @@ def _isolated_stages(services: Services, body: str, batch_s: float) -> dict[str,
                 f"rate:{spiffe_id}", limit=exchange.limits.per_workload_per_second, now=time.time()
             )
         ),
-        "store_revocation_read": measure(lambda: store.subject_revocation(spiffe_id)),
-        "store_exceptions_read": measure(lambda: store.exceptions(spiffe_id)),
+        "store_issuance_checks_read": measure(lambda: store.issuance_checks(spiffe_id)),
         "catalog_and_scopes": measure(
             lambda: exchange.catalog.check_scopes(
                 exchange.catalog.resolve(request.audiences, request.resources), _scopes(request.scope)
@@ -320,7 +319,7 @@ def _isolated_stages(services: Services, body: str, batch_s: float) -> dict[str,
         "exchange_total": measure(lambda: exchange.exchange(request, request_id="0123456789abcdef")),
     }
     result["store"] = sum(
-        result[k] for k in ("store_rate_counter", "store_revocation_read", "store_exceptions_read")
+        result[k] for k in ("store_rate_counter", "store_issuance_checks_read")
     )
     return {k: round(v, 1) for k, v in result.items()}
 

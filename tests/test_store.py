@@ -28,6 +28,7 @@ from sts.store import (
     RETENTION_SECONDS,
     AlreadyExists,
     ExceptionGrant,
+    IssuanceChecks,
     Store,
     StoreUnavailable,
     SubjectRevocation,
@@ -284,6 +285,22 @@ def test_exceptions_per_workload_and_all_oldest_first(store: Store, clock: FakeC
     assert store.exceptions("spiffe://example.org/nobody") == []
     with pytest.raises(AlreadyExists):
         store.add_exception(make_grant(clock, "exc-a", OTHER))
+
+
+def test_issuance_checks_read_the_kill_switch_and_the_exceptions_together(
+    store: Store, clock: FakeClock
+) -> None:
+    assert store.issuance_checks(AGENT) == IssuanceChecks(None, [])
+    later = make_grant(clock, "exc-b", offset=1)
+    earlier = make_grant(clock, "exc-a")
+    for grant in (later, make_grant(clock, "exc-c", OTHER, offset=2), earlier):
+        store.add_exception(grant)
+    store.revoke_subject(cut_off(clock, None), keep_until=None)
+    checks = store.issuance_checks(AGENT)
+    assert checks.revocation == store.subject_revocation(AGENT) is not None
+    assert checks.exceptions == store.exceptions(AGENT) == [earlier, later]
+    assert store.issuance_checks(OTHER).revocation is None
+    assert [g.id for g in store.issuance_checks(OTHER).exceptions] == ["exc-c"]
 
 
 def test_expired_exceptions_listed_until_retention_ends(store: Store, clock: FakeClock) -> None:

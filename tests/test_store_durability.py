@@ -195,6 +195,8 @@ def test_flushall_is_a_loss_every_store_sees_within_a_second(single: RedisServer
         with pytest.raises(StoreLost):
             store.subject_revocation(AGENT)
         with pytest.raises(StoreLost):
+            store.issuance_checks(AGENT)  # what every exchange reads: refused as the kill switch is
+        with pytest.raises(StoreLost):
             store.count_in_window(f"rate:{AGENT}", window=1, now=time.time())
         with pytest.raises(StoreLost):
             store.lease_in_window(f"rate:{AGENT}", want=1, limit=20, window=1, now=time.time())

@@ -151,6 +151,14 @@ class ExceptionGrant:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuanceChecks:
+    """A workload's kill switch (if any is kept) and its exceptions live now, read together."""
+
+    revocation: SubjectRevocation | None
+    exceptions: list[ExceptionGrant]
+
+
+@dataclass(frozen=True, slots=True)
 class TokenRecord:
     """One issued token in the live view's index (never the token itself): kept until ``expires_at``."""
 
@@ -302,6 +310,10 @@ class Store(Protocol):
 
     def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
         """Kill switches still kept (in force, or still ending older tokens), newest first."""
+
+    def issuance_checks(self, spiffe_id: str) -> IssuanceChecks:
+        """What an exchange for ``spiffe_id`` reads before it issues: its kill switch and its live
+        exceptions, in one round trip (``subject_revocation`` and ``exceptions`` together)."""
 
     # The live view
     def list_tasks(

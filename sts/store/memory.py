@@ -15,6 +15,7 @@ from sts.store import (
     AlreadyExists,
     Budget,
     ExceptionGrant,
+    IssuanceChecks,
     StoreCondition,
     StoreLoss,
     SubjectRevocation,
@@ -161,6 +162,9 @@ class MemoryStore:
     def subject_revocation(self, spiffe_id: str) -> SubjectRevocation | None:
         with self._lock:
             return self._live(self._subjects, spiffe_id)
+
+    def issuance_checks(self, spiffe_id: str) -> IssuanceChecks:
+        return IssuanceChecks(self.subject_revocation(spiffe_id), self.exceptions(spiffe_id))
 
     def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
         with self._lock:

@@ -56,6 +56,7 @@ import redis
 from redis.client import Pipeline
 
 from sts.store import (
+    IssuanceChecks,
     StoreCondition,
     StoreLoss,
     StoreUnavailable,
@@ -399,6 +400,25 @@ class DurableRedisStore(RedisStore):
         if self._guard.unacknowledged and not store_loss_tolerated():
             raise self._guard.refusal()
         return self._subject(value)
+
+    @_answers
+    def issuance_checks(self, spiffe_id: str) -> IssuanceChecks:
+        """The kill switch (read as :meth:`subject_revocation` reads it: refused during a loss) and the
+        exceptions, with the epoch, in one pipeline."""
+        self._ensure_monitor()
+        key = f"{PREFIX}subject:{spiffe_id}"
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget(key, EPOCH_KEY)
+        self._queue_exceptions(pipe, spiffe_id)
+        (value, raw), members = pipe.execute()
+        if self._guard.observe(cast("bytes | None", raw)):  # the store changed under this read: read again
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(key)
+            self._queue_exceptions(pipe, spiffe_id)
+            value, members = pipe.execute()
+        if self._guard.unacknowledged and not store_loss_tolerated():
+            raise self._guard.refusal()
+        return IssuanceChecks(self._subject(value), self._grants(members))
 
     @_answers
     def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:

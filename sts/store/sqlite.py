@@ -32,6 +32,7 @@ from sts.store import (
     AlreadyExists,
     Budget,
     ExceptionGrant,
+    IssuanceChecks,
     StoreCondition,
     StoreLoss,
     StoreUnavailable,
@@ -346,6 +347,10 @@ class SqliteStore:
             .fetchall()
         )
         return subject_from(decode(rows[0][0])) if rows else None
+
+    def issuance_checks(self, spiffe_id: str) -> IssuanceChecks:
+        """Two indexed reads on this process's connection: no round trip to save."""
+        return IssuanceChecks(self.subject_revocation(spiffe_id), self.exceptions(spiffe_id))
 
     @_answers
     def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:
