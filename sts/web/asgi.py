@@ -59,7 +59,7 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
     header_timeout = 5.0  # server.header_timeout, set in each worker by create_asgi_app_from_env
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
         self._head_size = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
@@ -108,6 +108,46 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
             )
             self.transport.close()
+
+
+class CorkedTransport:
+    """The connection's transport, with the writes of one turn of the event loop sent as one.
+
+    uvicorn writes a response's head and its body separately; on a loopback or LAN connection each
+    write is a ``send()`` and a segment of its own. Here they are joined and written once, by a
+    callback that runs before the loop next polls for I/O (``call_soon``), or at once when the
+    connection is closed (so a 408 or 400 written just before ``close`` still leaves first).
+    Everything else is the transport's own.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(data)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class AsgiApp:
