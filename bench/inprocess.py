@@ -318,9 +318,7 @@ def _isolated_stages(services: Services, body: str, batch_s: float) -> dict[str,
         "audit": measure(lambda: services.audit.record(event)),
         "exchange_total": measure(lambda: exchange.exchange(request, request_id="0123456789abcdef")),
     }
-    result["store"] = sum(
-        result[k] for k in ("store_rate_counter", "store_issuance_checks_read")
-    )
+    result["store"] = sum(result[k] for k in ("store_rate_counter", "store_issuance_checks_read"))
     return {k: round(v, 1) for k, v in result.items()}
 
 

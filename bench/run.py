@@ -615,7 +615,8 @@ def _table(r: dict[str, Any]) -> str:
         else:
             add(f"peer: {k['setup']}")
             add(
-                f"  started in {k['start_s']} s, warmed {k['warm_up_s']:.0f} s; "
+                f"  started in {k['start_s']} s, warmed {k['warm_up_s']:.0f} s at N=64"
+                f" ({'settled' if k['warm_up']['settled'] else 'NOT SETTLED'}); "
                 f"RSS {k['rss_mb_idle']} MB idle, "
                 f"{k['rss_mb_after_load']} MB after the load"
             )
