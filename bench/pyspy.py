@@ -29,6 +29,11 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("read_form", "parse_form"),
     ("error_response", "refusal logging"),
     ("sts/exchange.py", "exchange (own code)"),
+    ("sts/token_index.py", "token index (background writes)"),
+    ("sts/rate_lease.py", "rate limit"),
+    ("prometheus_client/", "metrics"),
+    ("sts/web/", "HTTP handler (sts/web)"),
+    ("uvicorn/", "uvicorn (HTTP, ASGI)"),
     ("flask/app.py", "flask/werkzeug"),
 )
 
@@ -75,7 +80,7 @@ def _stage(stack: str) -> str:
     for needle, stage in STAGES:
         if needle in stack:
             return stage
-    return "granian glue / native (no Flask frame)"
+    return "event loop / native (no frame above)"
 
 
 def record(
