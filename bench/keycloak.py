@@ -429,18 +429,6 @@ def _rss_mb(root: int) -> float:
     return round(sum(ours.rss_mb(pid) or 0.0 for pid in ours.process_tree(root)), 1)
 
 
-def _figures(summaries: dict[int, load.Summary]) -> dict[str, Any]:
-    by_n = {str(n): s.to_json() for n, s in summaries.items()}
-    return {
-        "exchanges_per_s": {n: f["exchanges_per_s"] for n, f in by_n.items()},
-        "p50_ms": {n: f["p50_ms"] for n, f in by_n.items()},
-        "p99_ms": {n: f["p99_ms"] for n, f in by_n.items()},
-        "error_rate": {n: f["error_rate"] for n, f in by_n.items()},
-        "server_cpu_us_per_request": {n: f["server_cpu_us_per_request"] for n, f in by_n.items()},
-        "load": by_n,
-    }
-
-
 def _fresh_pools(
     setup: KeycloakSetup, authority: TestAuthority, directory: Path
 ) -> tuple[list[PoolRequest], list[PoolRequest], Path, Path]:
@@ -547,8 +535,8 @@ def measure(
         "warm_up": warm_up,
         "rss_mb_idle": rss_idle,
         "rss_mb_after_load": rss_loaded,
-        **_figures(credentials),
-        "token_exchange_v2": _figures(exchange),
+        **load.figures_by_n(credentials),
+        "token_exchange_v2": load.figures_by_n(exchange),
         "answers_matched": "by outcome (status and body), counts checked against requests sent per outcome",
     }
     ratios: dict[str, dict[str, float | None]] = {}

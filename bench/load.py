@@ -295,3 +295,16 @@ def sweep(
             )
             time.sleep(pause_s)
     return {n: Summary(tuple(runs)) for n, runs in results.items()}
+
+
+def figures_by_n(summaries: dict[int, Summary]) -> dict[str, Any]:
+    """Each headline figure keyed by N (as a string, as in the JSON), and every run under ``load``."""
+    by_n = {str(n): s.to_json() for n, s in summaries.items()}
+    return {
+        "exchanges_per_s": {n: f["exchanges_per_s"] for n, f in by_n.items()},
+        "p50_ms": {n: f["p50_ms"] for n, f in by_n.items()},
+        "p99_ms": {n: f["p99_ms"] for n, f in by_n.items()},
+        "error_rate": {n: f["error_rate"] for n, f in by_n.items()},
+        "server_cpu_us_per_request": {n: f["server_cpu_us_per_request"] for n, f in by_n.items()},
+        "load": by_n,
+    }

@@ -395,7 +395,8 @@ def _peer(
     except (subprocess.SubprocessError, RuntimeError, OSError) as e:
         _log(f"peer: could not be measured: {e}")
         return {"error": str(e)}
-    theirs = {str(n): s.to_json() for n, s in summaries.items()}
+    figures = load.figures_by_n(summaries)
+    theirs = figures["load"]
     ratios: dict[str, dict[str, float | None]] = {}
     for n, figures in theirs.items():
         mine_rate, mine_p99 = ours_results["exchanges_per_s"][n], ours_results["p99_ms"][n]
@@ -410,11 +411,7 @@ def _peer(
         "version": setup.version,
         "setup": peer.setup_note(setup, workers),
         "workers": workers,
-        "exchanges_per_s": {n: f["exchanges_per_s"] for n, f in theirs.items()},
-        "p50_ms": {n: f["p50_ms"] for n, f in theirs.items()},
-        "p99_ms": {n: f["p99_ms"] for n, f in theirs.items()},
-        "error_rate": {n: f["error_rate"] for n, f in theirs.items()},
-        "load": theirs,
+        **figures,
         "ratio_ours_over_theirs": ratios,
     }
 

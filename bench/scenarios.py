@@ -70,21 +70,27 @@ def _server(s: Scenario, name: str, *, store: str | None = None) -> Iterator[_Ru
         yield _Running(f"{url}/token", port, p.pid, directory, warm.requests)
 
 
+def _sweep_64(s: Scenario, server: _Running, label: str, *, pause_s: float = 1.0) -> load.Summary:
+    """The main run's runs and seconds, at N = 64 only, against this scenario's server."""
+    return load.sweep(
+        server.url,
+        s.requests_file,
+        connections=[64],
+        seconds=s.seconds,
+        repeats=s.repeats,
+        server_pid=server.pid,
+        log=s.log,
+        label=label,
+        pause_s=pause_s,
+    )[64]
+
+
 def redis_store(s: Scenario) -> dict[str, Any]:
     """N = 64 with the store in a real redis-server (AOF, everysec): what the replica setup runs."""
     with RedisServer(s.scratch / "redis-data") as redis:
         s.log(f"scenario redis: sts serve with store {redis.url} (redis-server, AOF)")
         with _server(s, "redis", store=redis.url) as server:
-            summary = load.sweep(
-                server.url,
-                s.requests_file,
-                connections=[64],
-                seconds=s.seconds,
-                repeats=s.repeats,
-                server_pid=server.pid,
-                log=s.log,
-                label="redis ",
-            )[64]
+            summary = _sweep_64(s, server, "redis ")
     return {"store": "redis-server (Debian), appendonly yes", **summary.to_json()}
 
 
@@ -156,17 +162,7 @@ def slow_clients(s: Scenario) -> dict[str, Any]:
                 time.sleep(0.1)
             open_now = len(attacker.selector.get_map())
             s.log(f"scenario slow clients: {open_now} slow connections open, load at N=64")
-            summary = load.sweep(
-                server.url,
-                s.requests_file,
-                connections=[64],
-                seconds=s.seconds,
-                repeats=s.repeats,
-                server_pid=server.pid,
-                log=s.log,
-                label="slow  ",
-                pause_s=0.2,
-            )[64]
+            summary = _sweep_64(s, server, "slow  ", pause_s=0.2)
         finally:
             attacker.stop.set()
             thread.join(timeout=30)

@@ -42,3 +42,22 @@ def test_a_valid_request_refused_is_an_error() -> None:
     sent = {"valid": 900, "refused:expired": 80, "refused:no_client": 20}
     answered = {"valid": 897, "refused:expired": 80, "refused:no_client": 23}
     assert outcome_errors(POOL, answered, sent, in_flight=64) == 3
+
+
+def test_figures_by_n_keys_each_figure_by_n_as_the_json_does() -> None:
+    from bench.load import LoadResult, Summary, figures_by_n
+
+    def run(valid: int) -> LoadResult:
+        return LoadResult(64, 10.0, valid + 10, valid, 10, 0, 1.0, 2.0, 3.0, 4.0, 0.1, 1.5)
+
+    figures = figures_by_n({64: Summary((run(1000), run(3000), run(2000)))})
+    assert figures["exchanges_per_s"] == {"64": 200.0}  # the median run
+    assert figures["p99_ms"] == {"64": 3.0}
+    assert set(figures) == {
+        "exchanges_per_s",
+        "p50_ms",
+        "p99_ms",
+        "error_rate",
+        "server_cpu_us_per_request",
+        "load",
+    }
