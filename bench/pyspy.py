@@ -19,6 +19,9 @@ from typing import Any
 
 from bench import load, ours
 
+_HANDLER_MODULES = (
+    "app.py", "token_endpoint.py", "http.py", "common.py", "oauth.py", "resources.py", "ops.py", "tls.py"
+)
 # First match wins: a stack inside svid.py counts as svid_verify even though Flask is below it.
 STAGES: tuple[tuple[str, str], ...] = (
     ("sts/svid.py", "svid_verify"),
@@ -32,8 +35,11 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("sts/token_index.py", "token index (background writes)"),
     ("sts/rate_lease.py", "rate limit"),
     ("prometheus_client/", "metrics"),
-    ("sts/web/", "HTTP handler (sts/web)"),
-    ("uvicorn/", "uvicorn (HTTP, ASGI)"),
+    # Every request's stack holds the connection protocol's frames: the handler modules come first.
+    *((f"sts/web/{module}", "HTTP handler (sts/web)") for module in _HANDLER_MODULES),
+    ("sts/web/plain_server.py", "HTTP/1.1 connections (sts/web/plain_server.py)"),
+    ("sts/web/tls_server.py", "TLS listener (sts/web/tls_server.py)"),
+    ("uvicorn/", "uvicorn (server)"),
     ("flask/app.py", "flask/werkzeug"),
 )
 

@@ -248,7 +248,7 @@ def _run(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *args.argv]),
         "server": {
-            "how": "sts serve --config FILE (uvicorn, httptools, uvloop), as operators start it",
+            "how": "sts serve --config FILE (our HTTP/1.1 protocol, uvicorn's server), as operators start it",
             **settings_server,
             "store": "sqlite (WAL), embedded",
             "audit": "file (JSON lines, hash-chained)",

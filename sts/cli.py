@@ -304,16 +304,17 @@ def _serve_checked(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _uvicorn(settings: Settings) -> None:
-    """uvicorn (httptools on uvloop), one event loop per worker, with the deadlines of ``server:``.
+    """uvicorn's server (uvloop), one event loop per worker, with our connection protocol
+    (:mod:`sts.web.plain_server`: the deadlines and limits of ``server:``).
 
-    ``limit_concurrency`` bounds the connections a worker holds (slow ones included): past it
-    uvicorn answers 503 at once instead of queueing. HTTP/1.1 only; no websockets. On SIGINT or
+    ``server.max_connections`` bounds the connections a worker holds (slow ones included): past it
+    a request is answered 503 at once instead of queueing. HTTP/1.1 only; no websockets. On SIGINT or
     SIGTERM requests in flight get ``server.drain_timeout`` to finish; the supervisor then kills any
     worker still alive (uvicorn's own supervisor would wait for it forever).
     """
     import uvicorn
 
-    from sts.web.asgi import DeadlineHttpToolsProtocol
+    from sts.web.plain_server import PlainHttpProtocol
 
     server = settings.server
     config = uvicorn.Config(
@@ -323,7 +324,7 @@ def _uvicorn(settings: Settings) -> None:
         port=settings.listen.port,
         workers=server.workers,
         loop="uvloop",
-        http=DeadlineHttpToolsProtocol,
+        http=PlainHttpProtocol,
         ws="none",
         lifespan="on",
         log_config=None,
@@ -333,9 +334,7 @@ def _uvicorn(settings: Settings) -> None:
         # 127.0.0.1, so a local process or a sidecar's caller could choose its own source and pass
         # metrics.allow or spread anonymous refusals over invented addresses.
         proxy_headers=False,
-        limit_concurrency=server.max_connections,
         backlog=min(max(1024, server.max_connections), 65535),
-        timeout_keep_alive=server.header_timeout,
         timeout_graceful_shutdown=server.drain_timeout,
     )
     if server.workers == 1:

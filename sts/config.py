@@ -141,17 +141,22 @@ class TaskSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """The production WSGI server: ``workers`` processes (default: the cores), ``threads`` each."""
+    """The server of ``sts serve``: ``workers`` processes (default: the cores), each one event loop.
+
+    The plain listener's connections (:mod:`sts.web.plain_server`) and the TLS listener's
+    (:mod:`sts.web.tls_server`) keep the same deadlines and limits.
+    """
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    threads: int = 1  # measured (bench/): same throughput as 4, much shorter tail with the SQLite store
+    threads: int = 1  # accepted for old configurations; each worker serves on one thread
     max_body_bytes: int = 64 * 1024
-    # Deadlines against slow clients (issue 11): request line and headers, then the whole body, then
-    # (TLS listener) the handshake. A connection that misses one is closed; it never holds a thread.
+    # Deadlines against slow clients: request line and headers (and idle keep-alive), then the
+    # whole body, then (TLS listener) the handshake. A connection that misses one is answered 408
+    # or closed; no connection ever holds a thread.
     header_timeout: int = 5
     body_timeout: int = 10
     handshake_timeout: int = 5
-    # Requests in flight (or connections being read) per worker before new ones wait in the backlog.
+    # Connections per worker (slow ones included); past it a request is answered 503 at once.
     max_connections: int = 4096
     # On SIGTERM/SIGINT: how long requests in flight may take to finish before workers are killed.
     drain_timeout: int = 10

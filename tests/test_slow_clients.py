@@ -37,7 +37,12 @@ def _config(directory: Path, port: int, example: TestAuthority, partner: TestAut
 
 
 def _running(
-    factory: pytest.TempPathFactory, example: TestAuthority, partner: TestAuthority, server: str, *, tls: bool = False
+    factory: pytest.TempPathFactory,
+    example: TestAuthority,
+    partner: TestAuthority,
+    server: str,
+    *,
+    tls: bool = False,
 ) -> Iterator[tuple[RunningServer, Path | None]]:
     directory = factory.mktemp("slow")
     port = free_port()
@@ -139,7 +144,9 @@ def test_a_thousand_slow_connections_do_not_starve_valid_exchanges(
         time.sleep(0.5)  # every slow request has reached the server
         latencies = _latencies(patient.url, lambda: _exchange_body(example_org, patient.issuer), 200)
         assert requests.get(f"{patient.url}/healthz", timeout=2).status_code == 200
-    assert _p99(latencies) <= 0.25, f"p99 {_p99(latencies) * 1000:.1f} ms with {SLOW_CONNECTIONS} slow clients"
+    assert _p99(latencies) <= 0.25, (
+        f"p99 {_p99(latencies) * 1000:.1f} ms with {SLOW_CONNECTIONS} slow clients"
+    )
 
 
 def test_a_thousand_stalled_tls_connections_do_not_starve_the_tls_listener(
@@ -180,7 +187,9 @@ def _answer(connection: socket.socket, timeout: float = 5.0) -> bytes:
     ],
     ids=["partial-body", "huge-chunk-announced-then-silence"],
 )
-def test_a_body_that_does_not_arrive_in_time_is_408(strict: RunningServer, payload: bytes, status: bytes) -> None:
+def test_a_body_that_does_not_arrive_in_time_is_408(
+    strict: RunningServer, payload: bytes, status: bytes
+) -> None:
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", _port(strict)), timeout=10) as connection:
         connection.sendall(b"POST /token HTTP/1.1\r\nHost: x\r\n" + payload)
@@ -223,10 +232,19 @@ def test_head_on_the_tls_listener_is_answered_without_a_body(tls: tuple[RunningS
     """h11 refuses to send a body for HEAD: the listener must send the head alone, not fail."""
     server, ca = tls
     context = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as raw, context.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as connection:
-        connection.sendall(b"HEAD /token HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    with (
+        socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as connection,
+    ):
+        connection.sendall(
+            b"HEAD /token HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
         answer = _answer(connection, timeout=3)
     assert answer.startswith(b"HTTP/1.1 405"), answer
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    length = int(
+        next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))[15:]
+    )
+    assert length > 0, "RFC 9110 §8.6: a HEAD answer's Content-Length is the GET's, not 0"
+    assert rest.startswith(b"HTTP/1.1 200"), "the HEAD answer carried no body"
     assert b"HTTP/1.1 200" in answer and b'{"status":"ok"}' in answer, "the connection goes on after HEAD"

@@ -6,6 +6,7 @@ same routes as a WSGI app (tests, embedding), with ``/token`` answered by the sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ from sts.web.resources import resources
 from sts.web.token_endpoint import TokenEndpoint, early_refusal, request_id
 
 log = logging.getLogger(__name__)
+MAX_RECORDED_PATH = 256  # characters of a refused request's target kept in its audit record and log line
 
 
 def create_app(services: Services) -> Flask:
@@ -115,6 +117,10 @@ class StsHttp:
         self._flask = create_app(services)
 
     def handle(self, request: HttpRequest) -> HttpResponse:
+        if request.method == "HEAD":
+            # RFC 9110 §9.3.2, §8.6: the GET's fields, Content-Length included (WSGI would answer 0);
+            # the listener sends the head alone.
+            request = dataclasses.replace(request, method="GET")
         if request.path == "/token":
             return self._token.handle(request)
         try:
@@ -129,6 +135,8 @@ class StsHttp:
         """A request refused before any credential was read (a bad head, a body too large or too slow):
         audited like every refusal (``api_refusal``), within the source's anonymous budget."""
         rid = secrets.token_hex(8)
+        if len(path) > MAX_RECORDED_PATH:  # a head may be 64 KiB: its target is not copied whole
+            path = path[:MAX_RECORDED_PATH] + "..."
 
         def record(refused: StsError) -> None:
             self.services.audit.record(

@@ -1,6 +1,6 @@
 """One request model for every front end: the two production listeners and WSGI (tests, embedding).
 
-The plain listener (uvicorn, ``sts.web.asgi``) and the TLS listener (asyncio + h11,
+The plain listener (``sts.web.plain_server`` on uvicorn's server) and the TLS listener (asyncio + h11,
 ``sts.web.tls_server``) each read a request under their own deadlines and size limit, then hand a
 complete :class:`HttpRequest` to :class:`StsHttp`, which answers synchronously. So the application
 never blocks on a client: by the time it runs, the body is in memory or the request was refused

@@ -180,9 +180,8 @@ class TlsServer:
         )
         answer = self._http.handle(request)
         closes = answer.closes or error is not None or self._stopping
-        if event.method == b"HEAD":  # RFC 9110 §9.3.2: the same head, no content
-            answer = HttpResponse(answer.status, answer.headers, b"")
-        await self._send(connection, writer, answer, closes)
+        # RFC 9110 §9.3.2: HEAD gets the GET's head (its Content-Length too, §8.6), no content
+        await self._send(connection, writer, answer, closes, head_only=event.method == b"HEAD")
         return not closes and connection.our_state is h11.DONE and connection.their_state is h11.DONE
 
     async def _body(
@@ -215,7 +214,13 @@ class TlsServer:
             return b"", InvalidRequest(f"malformed request body: {e}")
 
     async def _send(
-        self, connection: h11.Connection, writer: asyncio.StreamWriter, answer: HttpResponse, closes: bool
+        self,
+        connection: h11.Connection,
+        writer: asyncio.StreamWriter,
+        answer: HttpResponse,
+        closes: bool,
+        *,
+        head_only: bool = False,
     ) -> None:
         headers = [
             (name, value)
@@ -226,7 +231,8 @@ class TlsServer:
         if closes:
             headers.append(("Connection", "close"))
         data = connection.send(h11.Response(status_code=answer.status, headers=headers))
-        data = (data or b"") + (connection.send(h11.Data(data=answer.body)) or b"")
+        if not head_only:  # h11 frames a HEAD answer as having no content
+            data = (data or b"") + (connection.send(h11.Data(data=answer.body)) or b"")
         data += connection.send(h11.EndOfMessage()) or b""
         writer.write(data)
         async with asyncio.timeout(self._body_timeout):
