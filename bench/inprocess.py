@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,6 +29,7 @@ from sts.config import load_settings
 from sts.exchange import ExchangeRequest
 from sts.policy import PolicyRequest
 from sts.runtime import Services, build_services
+from sts.web.urlencoded import decode_form
 
 
 def time_us(fn: Callable[[], object], *, batch_s: float = 0.2, repeats: int = 5) -> float:
@@ -133,11 +133,8 @@ def _scopes(scope: str) -> frozenset[str]:
 
 
 def _form(body: str) -> dict[str, list[str]]:
-    """What ``sts.web.oauth.read_form`` does after reading the body (no Flask here)."""
-    form: dict[str, list[str]] = {}
-    for name, value in parse_qsl(body, keep_blank_values=True, strict_parsing=False):
-        form.setdefault(name, []).append(value)
-    return form
+    """What the token endpoint does with the body it read: the shipped decoder, no HTTP around it."""
+    return decode_form(body)
 
 
 def _wsgi_call(services: Services, body: str) -> Callable[[], object]:

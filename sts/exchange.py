@@ -94,9 +94,16 @@ class ExchangeRequest:
     client_certificates: tuple[x509.Certificate, ...] = ()
 
     @classmethod
-    def from_form(cls, form: Mapping[str, Sequence[str]]) -> ExchangeRequest:
+    def from_form(
+        cls,
+        form: Mapping[str, Sequence[str]],
+        *,
+        dpop_proof: str | None = None,
+        client_certificates: tuple[x509.Certificate, ...] = (),
+    ) -> ExchangeRequest:
         """Parse a form body: duplicated parameters other than audience/resource are refused
-        (RFC 6749 §3.1), empty values count as omitted, unknown parameters are ignored (§3.2)."""
+        (RFC 6749 §3.1), empty values count as omitted, unknown parameters are ignored (§3.2).
+        ``dpop_proof`` and ``client_certificates`` are what the HTTP layer saw outside the form."""
         values: dict[str, str] = {}
         for name, items in form.items():
             limit = MAX_PARAMETER_CHARS.get(name)
@@ -125,6 +132,8 @@ class ExchangeRequest:
             client_id=values.get("client_id"),
             client_assertion=values.get("client_assertion"),
             client_assertion_type=values.get("client_assertion_type"),
+            dpop_proof=dpop_proof,
+            client_certificates=client_certificates,
         )
 
 

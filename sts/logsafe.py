@@ -21,6 +21,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FORMATS = ("text", "json")
@@ -42,8 +43,36 @@ def escape(text: str) -> str:
     return _UNSAFE.sub(_escape_one, text)
 
 
+class _SecondStamp:
+    """The text of a record's second, made once a second: ``time.strftime`` is most of what formatting
+    a record's time costs, and a busy server logs many records in the same second. One tuple is
+    swapped whole, so threads never see a second paired with another second's text."""
+
+    def __init__(self, pattern: str, converter: Callable[[float | None], time.struct_time]) -> None:
+        self._pattern = pattern
+        self._converter = converter
+        self._last: tuple[int, str] = (-1, "")
+
+    def text(self, created: float) -> str:
+        second, text = self._last
+        if int(created) != second:
+            text = time.strftime(self._pattern, self._converter(created))
+            self._last = (int(created), text)
+        return text
+
+
 class SafeFormatter(logging.Formatter):
     """A formatter whose every record is one line, whatever the message and its arguments contain."""
+
+    def __init__(self, fmt: str | None = None) -> None:
+        super().__init__(fmt)
+        self._stamp = _SecondStamp(self.default_time_format, self.converter)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """``logging.Formatter``'s text (local time, ``,mmm``), its second made once a second."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return f"{self._stamp.text(record.created)},{int(record.msecs):03d}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape(record.message)
@@ -60,10 +89,13 @@ class SafeFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line; a traceback is one string member (``exception``)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._stamp.text(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -96,8 +128,15 @@ def configure_logging(level: str | int, log_format: str = "text") -> None:
     """Our handler (stderr, :class:`SafeFormatter` or :class:`JsonFormatter`) on the root logger,
     once; the level as given.
 
-    Handlers someone else installed (an embedding application, a test runner) are left alone.
+    Handlers someone else installed (an embedding application, a test runner) are left alone. The
+    record fields neither format shows (thread, process and the caller's source line) are no longer
+    collected, as the logging HOWTO's "Optimization" section describes: finding the caller walks the
+    stack on every record, and the token endpoint logs one record per issued token.
     """
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)

@@ -17,7 +17,7 @@ import jwt
 import pytest
 import requests
 
-from sts.logsafe import SafeFormatter, escape
+from sts.logsafe import FORMAT, JsonFormatter, SafeFormatter, configure_logging, escape
 from tests.authority import TestAuthority
 from tests.conftest import RunningServer, free_port, running_server, write_config
 
@@ -130,3 +130,28 @@ def test_json_log_lines_carry_the_request_fields(
     assert ok["jti"] and issued.json()["access_token"] not in json.dumps(records)
     bad = by_request[refused.headers["X-Request-Id"]]
     assert bad["error"] == "invalid_target" and "\n" not in bad["message"]
+
+
+@pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0005, 1_699_999_999.5])
+def test_the_remembered_second_formats_time_as_the_standard_formatter(created: float) -> None:
+    """The second's text is made once a second; every record still reads as ``logging.Formatter``'s."""
+    ours, theirs = SafeFormatter(FORMAT), logging.Formatter(FORMAT)
+    json_ours = JsonFormatter()
+    for moment in (created, created + 0.25, created - 1.0, created):  # forwards, backwards, back again
+        record = logging.LogRecord("sts.test", logging.INFO, __file__, 1, "at %s", (moment,), None)
+        record.created, record.msecs = moment, (moment - int(moment)) * 1000
+        assert ours.format(record) == theirs.format(record)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(record.msecs):03d}Z"
+        assert json.loads(json_ours.format(record))["time"] == stamp
+
+
+def test_configured_logging_does_not_collect_what_no_format_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flag in ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))  # restored after the test
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    configure_logging("INFO")
+    record = logging.getLogger("sts.test").makeRecord("sts.test", logging.INFO, "(unknown file)", 0, "m", (), None)
+    assert record.thread is None and record.process is None and record.processName is None
+    assert logging._srcfile is None  # no stack walk to find the caller of each record

@@ -16,11 +16,11 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from cryptography import x509
 
 from sts.errors import InvalidRequest, RequestTooLarge, StsError
+from sts.web.urlencoded import decode_form
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_HEAD_BYTES = 16 * 1024  # request line + header fields, on both listeners; more is refused
@@ -157,7 +157,8 @@ def parse_form(body: bytes, content_type: str, query: str) -> dict[str, list[str
 
     The media type must be ``application/x-www-form-urlencoded``, parameters must not be in the URL
     (RFC 6749 §3.2 for the token endpoint; the same for introspection and revocation), and the body
-    must be UTF-8. Repeated names are kept as lists: the endpoints refuse what may appear only once.
+    must be UTF-8, before and after percent-decoding (:mod:`sts.web.urlencoded`). Repeated names are
+    kept as lists: the endpoints refuse what may appear only once.
     """
     mimetype = content_type.partition(";")[0].strip().lower()
     if mimetype != FORM_CONTENT_TYPE:
@@ -168,10 +169,7 @@ def parse_form(body: bytes, content_type: str, query: str) -> dict[str, list[str
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidRequest("the request body is not UTF-8") from e
-    form: dict[str, list[str]] = {}
-    for name, value in parse_qsl(text, keep_blank_values=True, strict_parsing=False):
-        form.setdefault(name, []).append(value)
-    return form
+    return decode_form(text)
 
 
 def read_wsgi_body(environ: Mapping[str, Any], limit: int) -> bytes:

@@ -7,7 +7,6 @@ with the same rules, headers, error bodies, logging and audit as every other end
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import secrets
@@ -126,8 +125,8 @@ class TokenEndpoint:
             try:
                 _refuse_http_client_auth(request.headers.get("authorization"))
                 form = parse_form(request.body, request.headers.get("content-type", ""), request.query)
-                parsed = dataclasses.replace(
-                    ExchangeRequest.from_form(form),
+                parsed = ExchangeRequest.from_form(
+                    form,
                     dpop_proof=request.headers.get("dpop"),
                     client_certificates=request.client_certificates,
                 )
