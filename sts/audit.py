@@ -82,8 +82,12 @@ class AuditLog:
             os.close(self._fd)
 
 
+# One encoder for every line (what ``json.dumps`` with these options builds on each call).
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=str)
+
+
 def _canonical(entry: Mapping[str, Any]) -> str:
-    return json.dumps(entry, separators=(",", ":"), sort_keys=True, default=str)
+    return _CANONICAL.encode(entry)
 
 
 def _digest(entry: Mapping[str, Any]) -> str:

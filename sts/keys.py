@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 ACCESS_TOKEN_TYPE = "at+jwt"
 _ES256 = ec.ECDSA(hashes.SHA256())
 _ES256_JWS = ECAlgorithm(ECAlgorithm.SHA256)  # RFC 7518 §3.4: verifies the R||S form of a JWS signature
+# Built once (``json.dumps`` with options builds one per call). allow_nan=False: NaN and Infinity
+# are not JSON (RFC 8259 §6); no token of ours carries one.
+_CLAIMS_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 MAX_ISSUED_TOKEN_CHARS = 8192
 REFRESH_SECONDS = 10.0
 
@@ -189,8 +192,7 @@ class KeyRing:
         key = self._active[token_class]
         # RFC 7515 §7.1 by hand on the hot path: the header is the same for every token of this key, so it
         # is encoded once; the signature is cryptography's ECDSA, turned into the JWS R||S form (§A.3).
-        # allow_nan=False: NaN and Infinity are not JSON (RFC 8259 §6); no token of ours carries one.
-        payload = b64url(json.dumps(dict(claims), separators=(",", ":"), allow_nan=False).encode())
+        payload = b64url(_CLAIMS_JSON.encode(dict(claims)).encode())
         signing_input = f"{key.header_b64}.{payload}"
         r, s = decode_dss_signature(key._private_key.sign(signing_input.encode("ascii"), _ES256))
         return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"

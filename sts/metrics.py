@@ -212,9 +212,9 @@ class Metrics:
         else:
             decision = "allow"
         if not policy_ids:  # a default deny: no policy determined it
-            POLICY_DECISIONS.labels(decision, "default").inc()
+            _child(POLICY_DECISIONS, (decision, "default")).inc()
         for policy_id in policy_ids:
-            POLICY_DECISIONS.labels(decision, _bounded(policy_id, self._policy_ids, missing=OTHER)).inc()
+            _child(POLICY_DECISIONS, (decision, _bounded(policy_id, self._policy_ids, missing=OTHER))).inc()
 
     def observe_duration(self, seconds: float) -> None:
         EXCHANGE_DURATION.observe(seconds)

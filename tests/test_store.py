@@ -10,6 +10,7 @@ Redis by reading the absolute EXPIRETIME of each key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import stat
@@ -23,6 +24,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sts.store import (
     RETENTION_SECONDS,
@@ -35,6 +38,7 @@ from sts.store import (
     TaskRecord,
     TaskTarget,
     TokenRecord,
+    record_json,
 )
 from sts.store.factory import open_store
 from sts.store.memory import MemoryStore
@@ -301,6 +305,25 @@ def test_issuance_checks_read_the_kill_switch_and_the_exceptions_together(
     assert checks.exceptions == store.exceptions(AGENT) == [earlier, later]
     assert store.issuance_checks(OTHER).revocation is None
     assert [g.id for g in store.issuance_checks(OTHER).exceptions] == ["exc-c"]
+
+
+def test_issuance_checks_agree_with_the_separate_reads_on_ties_and_expiry(store: Store, clock: FakeClock) -> None:
+    """Grants created in the same second come in id order; rows past their keep time are gone from
+    both views at the same instant (the kill switch and a grant kept until the same second)."""
+    for grant_id in ("exc-z", "exc-m", "exc-a"):
+        store.add_exception(make_grant(clock, grant_id, ttl=10))
+    store.revoke_subject(cut_off(clock, int(clock()) + 10), keep_until=int(clock()) + 10)
+    checks = store.issuance_checks(AGENT)
+    assert [g.id for g in checks.exceptions] == ["exc-a", "exc-m", "exc-z"]
+    assert checks == IssuanceChecks(store.subject_revocation(AGENT), store.exceptions(AGENT))
+    assert checks.revocation is not None
+    clock.advance(10)  # the kill switch's keep time ends; the grants are kept for their retention
+    later = store.issuance_checks(AGENT)
+    assert later == IssuanceChecks(None, store.exceptions(AGENT)) and len(later.exceptions) == 3
+    clock.advance(RETENTION_SECONDS)
+    assert store.issuance_checks(AGENT) == IssuanceChecks(None, []) == IssuanceChecks(
+        store.subject_revocation(AGENT), store.exceptions(AGENT)
+    )
 
 
 def test_expired_exceptions_listed_until_retention_ends(store: Store, clock: FakeClock) -> None:
@@ -798,3 +821,62 @@ def test_open_store_does_not_touch_the_filesystem_for_a_refused_url(
     with pytest.raises(ValueError, match="relative"):
         open_store("sqlite://sts.db")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the stored text of a record
+
+_texts = st.text(max_size=12)
+_ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+_scopes = st.frozensets(_texts, max_size=4)
+_records = st.one_of(
+    st.builds(
+        TaskRecord,
+        id=_texts,
+        creator=_texts,
+        assignee=_texts,
+        targets=st.lists(st.builds(TaskTarget, _texts, _scopes), max_size=3).map(tuple),
+        purpose=_texts,
+        created_at=_ints,
+        deadline=_ints,
+        completed_at=st.none() | _ints,
+        completed_by=st.none() | _texts,
+    ),
+    st.builds(SubjectRevocation, _texts, _ints, st.none() | _ints, _texts, _texts),
+    st.builds(
+        ExceptionGrant,
+        id=_texts,
+        spiffe_id=_texts,
+        target=_texts,
+        scopes=_scopes,
+        reason=_texts,
+        granted_by=_texts,
+        created_at=_ints,
+        expires_at=_ints,
+        withdrawn_at=st.none() | _ints,
+        withdrawn_by=st.none() | _texts,
+        withdraw_reason=st.none() | _texts,
+    ),
+    st.builds(
+        TokenRecord,
+        jti=_texts,
+        spiffe_id=_texts,
+        target=_texts,
+        token_class=_texts,
+        issued_at=_ints,
+        expires_at=_ints,
+        binding=_texts,
+        task_id=st.none() | _texts,
+        exception_id=st.none() | _texts,
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(record=_records, omit=st.sampled_from([(), ("targets",), ("completed_at", "completed_by"), ("jti",)]))
+def test_record_json_is_the_text_asdict_gives(
+    record: TaskRecord | SubjectRevocation | ExceptionGrant | TokenRecord, omit: tuple[str, ...]
+) -> None:
+    """The stored text is what every backend has always written (``dataclasses.asdict``, sets sorted):
+    rows written before the shallow encoder read back, and the two encoders never disagree."""
+    expected = {k: v for k, v in dataclasses.asdict(record).items() if k not in omit}
+    assert record_json(record, omit=omit) == json.dumps(expected, default=sorted, separators=(",", ":"))

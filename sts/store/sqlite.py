@@ -121,6 +121,17 @@ LEFT JOIN tasks AS t ON t.id = ?2 AND t.expires_at > ?4
 LEFT JOIN subject_revocations AS s ON s.spiffe_id = ?3 AND (s.expires_at IS NULL OR s.expires_at > ?4)
 """
 
+# ?1 spiffe_id, ?2 now: the kill switch (at most one row, the primary key) first, then the live
+# exceptions oldest first, as ``exceptions`` orders them; the kind column tells the two apart.
+_KILL_SWITCH_ROW = 0
+_ISSUANCE_CHECKS = """
+SELECT 0, record, 0, '' FROM subject_revocations
+WHERE spiffe_id = ?1 AND (expires_at IS NULL OR expires_at > ?2)
+UNION ALL
+SELECT 1, record, created_at, id FROM exceptions WHERE spiffe_id = ?1 AND expires_at > ?2
+ORDER BY 1, 3, 4
+"""
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -348,9 +359,20 @@ class SqliteStore:
         )
         return subject_from(decode(rows[0][0])) if rows else None
 
+    @_answers
     def issuance_checks(self, spiffe_id: str) -> IssuanceChecks:
-        """Two indexed reads on this process's connection: no round trip to save."""
-        return IssuanceChecks(self.subject_revocation(spiffe_id), self.exceptions(spiffe_id))
+        """The kill switch and the exceptions in one statement, read at one instant: the same rows as
+        :meth:`subject_revocation` and :meth:`exceptions`, for one pass through SQLite instead of two
+        (every exchange reads this; measured 20 -> 8 us)."""
+        rows = self._conn().execute(_ISSUANCE_CHECKS, (spiffe_id, self._clock())).fetchall()
+        revocation: SubjectRevocation | None = None
+        grants: list[ExceptionGrant] = []
+        for kind, record, _created_at, _id in rows:
+            if kind == _KILL_SWITCH_ROW:
+                revocation = subject_from(decode(record))
+            else:
+                grants.append(exception_from(decode(record)))
+        return IssuanceChecks(revocation, grants)
 
     @_answers
     def subject_revocations(self, *, limit: int) -> list[SubjectRevocation]:

@@ -100,6 +100,9 @@ class HeadTooLarge(MalformedHead):
 
 SINGLE_FIELDS = frozenset({"host", "content-length"})
 
+# Built once: ``json.dumps`` with options builds an encoder on every call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
 
 def json_response(status: int, body: object, extra: Iterable[tuple[str, str]] = ()) -> HttpResponse:
     """A JSON answer with the headers every answer of ours carries (no caching, no sniffing)."""
@@ -109,7 +112,7 @@ def json_response(status: int, body: object, extra: Iterable[tuple[str, str]] = 
         ("X-Content-Type-Options", "nosniff"),
         *extra,
     ]
-    return HttpResponse(status, headers, json.dumps(body, separators=(",", ":")).encode())
+    return HttpResponse(status, headers, _COMPACT_JSON.encode(body).encode())
 
 
 def error_answer(error: StsError, extra: Iterable[tuple[str, str]] = ()) -> HttpResponse:
