@@ -61,3 +61,21 @@ def test_figures_by_n_keys_each_figure_by_n_as_the_json_does() -> None:
         "server_cpu_us_per_request",
         "load",
     }
+
+
+def test_peer_ratios_are_keyed_by_n_and_the_peer_figures_stay_so() -> None:
+    """The authgent result spreads figures_by_n as they are (each keyed by N) beside the ratios; a
+    loop variable once replaced them with the last N's scalars and the printed table failed."""
+    from bench.load import LoadResult, Summary, figures_by_n
+    from bench.run import ratios_by_n
+
+    def run(n: int, valid: int, p99: float) -> LoadResult:
+        return LoadResult(n, 10.0, valid, valid, 0, 0, 1.0, 2.0, p99, 4.0, 0.1, 1.5)
+
+    theirs = figures_by_n({1: Summary((run(1, 300, 4.0),)), 64: Summary((run(64, 500, 0.0),))})
+    ours = {"exchanges_per_s": {"1": 600.0, "64": 2500.0, "16": 1.0}, "p99_ms": {"1": 2.0, "64": 60.0, "16": 1.0}}
+    assert ratios_by_n(ours, theirs) == {
+        "1": {"exchanges_per_s": 20.0, "p99": 0.5},
+        "64": {"exchanges_per_s": 50.0, "p99": None},  # theirs p99 0: no ratio, not a division error
+    }
+    assert theirs["exchanges_per_s"] == {"1": 30.0, "64": 50.0}
