@@ -40,6 +40,7 @@ from sts.store import (
     TokenRecord,
     record_json,
 )
+from sts.store import sqlite as sqlite_store
 from sts.store.factory import open_store
 from sts.store.memory import MemoryStore
 from sts.store.redis_store import RedisStore
@@ -528,6 +529,40 @@ def test_sqlite_deletes_expired_rows(tmp_path: Path, clock: FakeClock) -> None:
         "counters": 0,
         "once": 1,
     }
+    store.close()
+
+
+def test_sqlite_sweep_deletes_a_bounded_batch_and_comes_back_soon_for_the_rest(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep runs on a request's write, so its length is that request's stall: at most a batch per
+    table, then again after SWEEP_BACKLOG_INTERVAL until the backlog is gone, then every SWEEP_INTERVAL."""
+    monkeypatch.setattr(sqlite_store, "SWEEP_BATCH", 3)
+    path = tmp_path / "sts.db"
+    store = SqliteStore(path, clock=clock)
+    for i in range(7):
+        store.use_once(f"old-{i}", expires_at=int(clock()) + 10)
+
+    def expired() -> int:
+        with sqlite3.connect(path) as raw:
+            return int(raw.execute("SELECT count(*) FROM once WHERE key LIKE 'old-%'").fetchone()[0])
+
+    clock.advance(SWEEP_INTERVAL)
+    store.use_once("new-0", expires_at=int(clock()) + 600)
+    assert expired() == 4  # one batch
+    store.use_once("new-1", expires_at=int(clock()) + 600)
+    assert expired() == 4  # not before the backlog interval
+    clock.advance(sqlite_store.SWEEP_BACKLOG_INTERVAL)
+    store.use_once("new-2", expires_at=int(clock()) + 600)
+    assert expired() == 1
+    clock.advance(sqlite_store.SWEEP_BACKLOG_INTERVAL)
+    store.use_once("new-3", expires_at=int(clock()) + 600)
+    assert expired() == 0  # fewer than a batch: the backlog is gone
+    store.use_once("soon", expires_at=int(clock()) + 1)
+    clock.advance(sqlite_store.SWEEP_BACKLOG_INTERVAL + 1)
+    store.use_once("new-4", expires_at=int(clock()) + 600)
+    with sqlite3.connect(path) as raw:  # back to the long interval: the expired row waits for it
+        assert raw.execute("SELECT count(*) FROM once WHERE key = 'soon'").fetchone()[0] == 1
     store.close()
 
 
