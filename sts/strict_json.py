@@ -29,11 +29,12 @@ error (``invalid_request``, ``invalid_dpop_proof``, ``invalid_token``, ``invalid
 
 from __future__ import annotations
 
-import base64
 import binascii
+import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any, TypeGuard
 from urllib.parse import SplitResult, urlsplit
 
@@ -47,7 +48,10 @@ MAX_NUMERIC_DATE = 253_402_300_799
 # A JSON string (skipped whole, so brackets inside it do not count) or one bracket.
 _STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
+_PADDING = {0: b"", 2: b"==", 3: b"="}
+# The last character of a part of length 4k+2 carries 2 bits of data (4 zero), of 4k+3 carries 4 (2 zero).
+_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 _URI_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))  # RFC 3986 §2: printable ASCII, no space
 
 
@@ -72,12 +76,28 @@ class _Refused:
     __slots__ = ("out_of_range", "reason")
 
     def __init__(self, reason: str, *, out_of_range: bool) -> None:
+        next(_REFUSALS)  # tells loads() that its fast parse met something to refuse
         self.reason = reason
         self.out_of_range = out_of_range
 
 
+# Tickets taken by loads() before and after its fast parse, and by every refused value: a parse that
+# made no _Refused sees its second ticket follow its first. next() on a count is atomic in CPython,
+# so a refusal on another thread can only cause a needless checked parse, never hide one of ours.
+_REFUSALS = itertools.count()
+
+
+class _Noticed(Exception):
+    """The fast parse met a duplicate member name: the checked parse names it."""
+
+
 def loads(data: bytes | str) -> Any:
-    """Parse strict UTF-8 JSON (see the module docstring); raises only :class:`JsonError` (a ValueError)."""
+    """Parse strict UTF-8 JSON (see the module docstring); raises only :class:`JsonError` (a ValueError).
+
+    Most texts are JSON we accept: they are parsed once by a decoder built at import that only
+    notices trouble (a duplicate name, a refused number). Anything it notices, and every error, is
+    parsed again by :func:`_loads_checked`, which finds the member to name: the same answer either way.
+    """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         if not isinstance(data, bytes):
@@ -85,6 +105,24 @@ def loads(data: bytes | str) -> Any:
     except UnicodeError as e:
         raise JsonError(f"not UTF-8 text ({e})") from e
     _check_depth(text)
+    before = next(_REFUSALS)
+    try:
+        # The C scanner alone (what JSONDecoder.decode wraps): a value that fills the whole text.
+        # Whitespace around it, or anything after it, is left to the checked parse.
+        value, end = _FAST_SCAN(text, 0)
+    except (StopIteration, ValueError, RecursionError, _Noticed):
+        return _loads_checked(text)
+    # A refused number takes a ticket: if any did since ours, this text (or one parsed beside it on
+    # another thread) held one, and only the checked parse can tell which member.
+    if end != len(text) or next(_REFUSALS) != before + 1:
+        return _loads_checked(text)
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        _check_strings(value)
+    return value
+
+
+def _loads_checked(text: str) -> Any:
+    """The parse that names what it refuses: every object's members checked as it is built."""
     try:
         value = json.loads(
             text,
@@ -172,17 +210,23 @@ def b64url_decode(part: str) -> bytes:
     """RFC 7515 §2 base64url without padding, strictly: its alphabet only, and canonical (no stray bits).
 
     A JWS part that decodes but is not the canonical encoding of its bytes would let two different
-    tokens carry one meaning; both are refused alike, as ValueError.
+    tokens carry one meaning; both are refused alike, as ValueError. Canonical (RFC 4648 §3.5): the
+    bits of the last character beyond the last whole byte are zero, so that character is one of
+    :data:`_CANONICAL_LAST` for the length's remainder.
     """
-    if _BASE64URL.fullmatch(part) is None or len(part) % 4 == 1:
+    remainder = len(part) % 4
+    if remainder == 1 or "+" in part or "/" in part or "=" in part or not part.isascii():
         raise ValueError("not base64url without padding")
+    if remainder and part[-1] not in _CANONICAL_LAST[remainder]:
+        raise ValueError("not canonical base64url")
+    # base64url's two letters become base64's ("+", "/" were refused above, so none is taken for
+    # one of them); strict mode refuses any other character outside the alphabet.
     try:
-        decoded = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        return binascii.a2b_base64(
+            part.encode("ascii").translate(_TO_STANDARD_ALPHABET) + _PADDING[remainder], strict_mode=True
+        )
     except binascii.Error as e:
         raise ValueError("not base64url without padding") from e
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != part.encode("ascii"):
-        raise ValueError("not canonical base64url")
-    return decoded
 
 
 def _check_depth(text: str) -> None:
@@ -237,6 +281,21 @@ def _members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise JsonError(refused.reason, name, out_of_range=refused.out_of_range)
         result[name] = value
     return result
+
+
+def _fast_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object, in C (``dict``); a duplicate name shows as fewer members than pairs."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _Noticed
+    return result
+
+
+# Built once (json.loads with hooks builds a decoder per call); shared by threads, as json.loads's own is.
+# ``scan_once`` (the C scanner, set by JSONDecoder.__init__, not in typeshed) answers (value, end).
+_FAST_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(
+    object_pairs_hook=_fast_members, parse_int=_integer, parse_float=_float, parse_constant=_constant
+).scan_once  # type: ignore[attr-defined]
 
 
 def _refused_in(value: Any) -> _Refused | None:

@@ -1020,7 +1020,7 @@ class TokenVerifier:
                 )
         # RFC 7519 §2 NumericDates, bounded (sts.strict_json.numeric_date): adding the leeway can
         # neither overflow nor compare false against NaN.
-        exp, iat = (numeric_date(claims.get(name)) for name in REQUIRED_TIME_CLAIMS)
+        exp, iat = numeric_date(claims.get("exp")), numeric_date(claims.get("iat"))  # REQUIRED_TIME_CLAIMS
         if exp is None or iat is None:
             raise refuse(
                 "claims",

@@ -13,8 +13,10 @@ file runs in seconds and the same way on every machine.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +371,67 @@ def test_bundle_is_a_bundle_or_a_bundle_error(document: bytes) -> None:
 def test_strict_json_is_a_value_or_a_json_error(text: str) -> None:
     with contextlib.suppress(strict_json.JsonError):
         strict_json.loads(text)
+
+
+def _outcome(parse: Any, text: str) -> tuple[str, Any]:
+    """What a parse gives: its value, or its error's text, member and range flag."""
+    try:
+        return "value", parse(text)
+    except strict_json.JsonError as e:
+        return "error", (str(e), e.member, e.out_of_range)
+
+
+def _checked_parse(text: str) -> Any:
+    """loads() with its fast parse left out: the depth check, then the parse that checks each member."""
+    strict_json._check_depth(text)
+    return strict_json._loads_checked(text)
+
+
+objects_with_repeats = st.lists(
+    st.tuples(st.sampled_from(["exp", "a", "b"]), json_text), max_size=5
+).map(lambda pairs: "{" + ",".join(f"{json.dumps(name)}:{value}" for name, value in pairs) + "}")
+
+
+@settings(max_examples=600, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(json_text, objects_with_repeats, st.text(max_size=50)))
+def test_strict_json_fast_parse_answers_as_the_checked_parse(text: str) -> None:
+    """The decoder built once gives the value, or the very error, of the parse that checks each member."""
+    fast, checked = _outcome(strict_json.loads, text), _outcome(_checked_parse, text)
+    if fast[0] == "value" and checked[0] == "value":
+        # NaN is refused, so values compare equal; -0.0 == 0.0, so compare their text too.
+        assert json.dumps(fast[1]) == json.dumps(checked[1])
+    else:
+        assert fast == checked
+
+
+def _b64url_decode_by_reencoding(part: str) -> bytes:
+    """The definition of canonical base64url: decodes, and encodes back to the very same text."""
+    if re.fullmatch(r"[A-Za-z0-9_-]*", part) is None or len(part) % 4 == 1:
+        raise ValueError("not base64url without padding")
+    decoded = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != part.encode("ascii"):
+        raise ValueError("not canonical base64url")
+    return decoded
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(
+    st.one_of(
+        st.binary(max_size=40).map(lambda raw: base64.urlsafe_b64encode(raw).rstrip(b"=").decode()),
+        st.text(alphabet="AQgwBRhx-_09=+/ .\né\u00a0", max_size=12),
+    )
+)
+def test_b64url_decode_is_exactly_the_canonical_encodings(part: str) -> None:
+    """The last-character check refuses exactly the texts that do not encode back to themselves."""
+    try:
+        expected: bytes | None = _b64url_decode_by_reencoding(part)
+    except ValueError:
+        expected = None
+    try:
+        got: bytes | None = strict_json.b64url_decode(part)
+    except ValueError:
+        got = None
+    assert got == expected
 
 
 task_fields = st.fixed_dictionaries(
