@@ -21,41 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from sts.store import ExceptionGrant, IssuanceChecks, StoreUnavailable, SubjectRevocation, record_json
+from sts.store import IssuanceChecks, StoreUnavailable, SubjectRevocation, record_json
 from sts.store import sqlite as sqlite_store
 from sts.store.sqlite import ISSUANCE_KEPT_SECONDS, SqliteStore
 from sts.store.sqlite_changes import SUFFIX, ChangeGeneration
+from tests.test_store import FakeClock, make_grant
 
 AGENT = "spiffe://example.org/agent/researcher"
 ADMIN = "spiffe://example.org/ops/sts-admin"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def cut_off(now: float, spiffe_id: str = AGENT) -> SubjectRevocation:
     return SubjectRevocation(spiffe_id, int(now), None, ADMIN, "compromised")
-
-
-def grant(now: float, grant_id: str = "exc-1") -> ExceptionGrant:
-    return ExceptionGrant(
-        id=grant_id,
-        spiffe_id=AGENT,
-        target="data:crm",
-        scopes=frozenset({"read"}),
-        reason="incident 42",
-        granted_by=ADMIN,
-        created_at=int(now),
-        expires_at=int(now) + 60,
-    )
 
 
 def write_behind_the_counter(path: Path, now: float) -> None:
@@ -86,7 +63,7 @@ def _writer(path: str, commands: multiprocessing.connection.Connection) -> None:
             lifted = SubjectRevocation(AGENT, int(now), int(now), ADMIN, "lifted")
             store.revoke_subject(lifted, keep_until=None)
         elif command == "grant":
-            store.add_exception(grant(now))
+            store.add_exception(make_grant(FakeClock(), "exc-1"))
         elif command == "withdraw":
             store.withdraw_exception("exc-1", at=int(now), by=ADMIN, reason="over")
         elif command == "die-after-commit":
@@ -184,7 +161,7 @@ def test_a_kept_read_expires_its_rows_as_the_statement_would(tmp_path: Path) -> 
     clock = FakeClock()
     store = SqliteStore(tmp_path / "sts.db", clock=clock)
     store.revoke_subject(cut_off(clock()), keep_until=int(clock()) + 1)
-    store.add_exception(grant(clock()))
+    store.add_exception(make_grant(clock, "exc-1"))
     kept = store.issuance_checks(AGENT)
     assert kept.revocation is not None and len(kept.exceptions) == 1
     clock.advance(0.5)

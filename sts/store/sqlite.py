@@ -58,12 +58,15 @@ from sts.store.sqlite_changes import ChangeGeneration
 
 # Expired rows are deleted by a write at most this often (per store object, so per worker process).
 SWEEP_INTERVAL = 60
-# At most this many expired rows per table per sweep: the sweep runs on whichever request writes first,
-# so its length is that request's (and its event loop's) stall. Deleting a minute of a busy server's
-# index entries at once (~146,000 rows) took 1.3 s; a batch of 5,000 took 127 ms (from a 300,000-row table).
-SWEEP_BATCH = 5000
-# When a table had more expired rows than one batch, the next sweep comes this soon (seconds).
-SWEEP_BACKLOG_INTERVAL = 1
+# At most this many expired rows per table per sweep: the sweep runs on whichever write comes first
+# and holds the file's write lock meanwhile, so its length is a stall of every writer (a request's
+# rate-limit lease among them). Deleting a minute of a busy server's index entries at once (~146,000
+# rows) took 1.3 s; 5,000 took 127 ms (from a 300,000-row table), and in a 10-minute soak at N = 64
+# batches of 5,000 still put 200 ms into the p99 of half the 30 s samples: 1,000 (~25 ms) instead.
+SWEEP_BATCH = 1000
+# When a table had more expired rows than one batch, the next sweep comes this soon (seconds): 4,000
+# rows a second per process, above the ~2,500 index entries a second a 2-core server writes.
+SWEEP_BACKLOG_INTERVAL = 0.25
 # Bumped when the schema changes; a file written by a newer build is refused rather than misread.
 SCHEMA_VERSION = 1
 
