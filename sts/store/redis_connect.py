@@ -206,13 +206,14 @@ def connect(url: str, options: RedisOptions, on_connect: Callable[[Any], None]) 
             if options.tls_ca_file is not None:
                 sentinel_kwargs["ssl_ca_certs"] = str(options.tls_ca_file)
         master = parsed.master or options.master_name
-        manager = Sentinel(  # type: ignore[no-untyped-call]
+        # redis < 8.2 leaves Sentinel untyped; 8.2 types it: the ignores hold for both.
+        manager = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs
         )
-        client = cast("redis.Redis", manager.master_for(master, db=parsed.db))  # type: ignore[no-untyped-call]
+        client = cast("redis.Redis", manager.master_for(master, db=parsed.db))  # type: ignore[no-untyped-call,unused-ignore]
         writer = cast(
             "redis.Redis",
-            manager.master_for(master, db=parsed.db, socket_timeout=_write_timeout(options)),  # type: ignore[no-untyped-call]
+            manager.master_for(master, db=parsed.db, socket_timeout=_write_timeout(options)),  # type: ignore[no-untyped-call,unused-ignore]
         )
         hosts = ",".join(f"{host}:{port}" for host, port in parsed.sentinels)
         return Connected(client, writer, f"sentinel {hosts} master {master}/{parsed.db}", manager)
