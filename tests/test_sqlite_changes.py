@@ -9,6 +9,7 @@ holds whenever it must, and that memory is actually used when nothing changed.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sts.store import IssuanceChecks, StoreUnavailable, SubjectRevocation, record_json
+from sts.store import IssuanceChecks, StoreUnavailable, SubjectRevocation, record_json, sqlite_changes
 from sts.store import sqlite as sqlite_store
 from sts.store.sqlite import ISSUANCE_KEPT_SECONDS, SqliteStore
 from sts.store.sqlite_changes import SUFFIX, ChangeGeneration
@@ -54,6 +55,7 @@ def counter(path: Path) -> int:
 
 def _writer(path: str, commands: multiprocessing.connection.Connection) -> None:
     store = SqliteStore(Path(path))
+    commands.send("ready")
     while True:
         command = commands.recv()
         now = time.time()
@@ -83,12 +85,16 @@ def _writer(path: str, commands: multiprocessing.connection.Connection) -> None:
 
 
 @pytest.fixture
-def writer(tmp_path: Path) -> Iterator[multiprocessing.connection.Connection]:
+def writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[multiprocessing.connection.Connection]:
+    """Another process writing the same file on command. Here (the reader) kept reads live a minute:
+    only the change counter can make a read see what that process wrote."""
+    monkeypatch.setattr(sqlite_store, "ISSUANCE_KEPT_SECONDS", 60.0)
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     process = context.Process(target=_writer, args=(str(tmp_path / "sts.db"), theirs), daemon=True)
     process.start()
     theirs.close()  # the child's end: its death then reads as EOF here
+    assert ours.recv() == "ready"  # its store is open before the reader's first read
     yield ours
     if process.is_alive():
         ours.send("stop")
@@ -100,6 +106,7 @@ def test_a_kill_switch_written_by_another_process_is_seen_at_once(
 ) -> None:
     store = SqliteStore(tmp_path / "sts.db")
     assert store.issuance_checks(AGENT) == IssuanceChecks(None, [])  # kept in memory from here
+    assert AGENT in store._kept
     writer.send("revoke")
     assert writer.recv() == "done"
     checks = store.issuance_checks(AGENT)
@@ -205,10 +212,10 @@ def test_a_closed_store_refuses_even_what_it_kept(tmp_path: Path) -> None:
     assert refused.value.detail is not None and "store closed" in refused.value.detail
 
 
-def test_without_a_counter_file_every_read_goes_to_sqlite(
+def test_without_a_counter_file_every_read_goes_to_sqlite_and_writes_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def refused(self: ChangeGeneration, path: Path) -> None:
+    def refused(self: ChangeGeneration, path: Path, **options: float) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(ChangeGeneration, "__init__", refused)
@@ -219,6 +226,12 @@ def test_without_a_counter_file_every_read_goes_to_sqlite(
     assert store.issuance_checks(AGENT).revocation is None
     write_behind_the_counter(path, time.time())
     assert store.issuance_checks(AGENT).revocation is not None
+    # A kill switch is still written (other processes see it within ISSUANCE_KEPT_SECONDS), and said.
+    with caplog.at_level(logging.ERROR):
+        store.revoke_subject(SubjectRevocation(AGENT, 0, 0, ADMIN, "lifted"), keep_until=None)
+    assert "not at once" in caplog.text
+    lifted = store.issuance_checks(AGENT).revocation
+    assert lifted is not None and not lifted.blocks_issuance(time.time())
 
 
 def test_the_counter_file_is_private_and_shared_through_a_symlink(tmp_path: Path) -> None:
@@ -233,3 +246,68 @@ def test_the_counter_file_is_private_and_shared_through_a_symlink(tmp_path: Path
     mode = (tmp_path / f"sts.db{SUFFIX}").stat().st_mode & 0o777
     assert mode == 0o600
     assert not (tmp_path / f"link.db{SUFFIX}").exists()
+
+
+# -- several writers, and a counter file that goes away ---------------------------------------------
+
+
+def _many_changes(store: SqliteStore, count: int) -> None:
+    for n in range(count):
+        store.revoke_subject(SubjectRevocation(AGENT, n, n, ADMIN, "lifted"), keep_until=None)
+
+
+def test_forked_writers_take_turns_on_the_counter(tmp_path: Path) -> None:
+    """A store opened before ``fork`` (its children inherit it): each child opens its own counter file,
+    so ``flock`` keeps them apart and no change of the counter is lost."""
+    path = tmp_path / "sts.db"
+    store = SqliteStore(path)
+    store.revoke_subject(SubjectRevocation(AGENT, 0, 0, ADMIN, "lifted"), keep_until=None)
+    assert counter(path) == 2
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_many_changes, args=(store, 40)) for _ in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    assert counter(path) == 2 + 3 * 40 * 2  # every change: odd, then even again
+
+
+def test_a_deleted_counter_file_keeps_nothing_until_one_exists_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_changes, "FILE_CHECK_SECONDS", 0.0)  # checked on every read, not 4 a second
+    clock = FakeClock()
+    path = tmp_path / "sts.db"
+    store = SqliteStore(path, clock=clock)
+    other = SqliteStore(path, clock=clock)  # another handle, as another process has
+    assert store.issuance_checks(AGENT).revocation is None
+    changes = Path(os.path.realpath(path) + SUFFIX)
+    changes.unlink()
+    write_behind_the_counter(path, clock())
+    assert store.issuance_checks(AGENT).revocation is not None  # the file is gone: nothing kept
+    assert changes.exists()  # the reader opened the file the path names now
+    other.revoke_subject(SubjectRevocation(AGENT, 0, 0, ADMIN, "lifted"), keep_until=None)
+    assert counter(path) == 2  # the other handle followed the path to the new file
+    lifted = store.issuance_checks(AGENT).revocation
+    assert lifted is not None and not lifted.blocks_issuance(clock())
+    write_behind_the_counter(path, clock())  # a kill switch again, behind the new counter's back
+    kept = store.issuance_checks(AGENT).revocation
+    assert kept is not None and not kept.blocks_issuance(clock())  # kept again: one new file, one counter
+
+
+def test_a_writer_waits_for_the_counter_lock_no_longer_than_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "sts.db"
+    store = SqliteStore(path, busy_timeout=0.2)
+    store.issuance_checks(AGENT)
+    held = os.open(os.path.realpath(path) + SUFFIX, os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a writer of another process, stuck
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as refused:
+            store.revoke_subject(cut_off(time.time()), keep_until=None)
+        assert 0.2 <= time.monotonic() - started < 2
+        assert refused.value.detail is not None and "change lock" in refused.value.detail
+    finally:
+        os.close(held)
+    assert store.issuance_checks(AGENT).revocation is None  # refused before anything was written

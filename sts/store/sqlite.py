@@ -22,12 +22,13 @@ Imports only ``sts.store`` of the project.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -54,7 +55,9 @@ from sts.store import (
     token_from,
     withdrawn,
 )
-from sts.store.sqlite_changes import ChangeGeneration
+from sts.store.sqlite_changes import ChangeGeneration, Generation
+
+log = logging.getLogger(__name__)
 
 # Expired rows are deleted by a write at most this often (per store object, so per worker process).
 SWEEP_INTERVAL = 60
@@ -185,7 +188,7 @@ def _answers(method: _Method[_P, _R]) -> _Method[_P, _R]:
 class _KeptChecks:
     """One workload's issuance-check rows, decoded, as read under change generation ``generation``."""
 
-    generation: int
+    generation: Generation
     read_at: float
     revocation: tuple[SubjectRevocation, float | None] | None  # with its row's expires_at
     exceptions: tuple[tuple[ExceptionGrant, float], ...]
@@ -233,7 +236,7 @@ class SqliteStore:
         except OSError as exc:
             raise StoreUnavailable(f"sqlite {path}: {exc}", backend="sqlite", operation="open") from exc
         self._open_schema()
-        self._changes = ChangeGeneration.beside(path)
+        self._changes = ChangeGeneration.beside(path, lock_timeout=busy_timeout)
 
     @_answers
     def _open_schema(self) -> None:
@@ -416,7 +419,8 @@ class SqliteStore:
         """
         if self._closed:
             raise StoreUnavailable(f"sqlite {self.path}: store closed")
-        generation = self._changes.current() if self._changes is not None else None  # before SQLite
+        changes = self._changes
+        generation = changes.current() if changes is not None else None  # before SQLite
         now = self._clock()
         kept = self._kept.get(spiffe_id)
         if (
@@ -433,7 +437,7 @@ class SqliteStore:
                 revocation = (subject_from(decode(record)), expires_at)
             else:
                 grants.append((exception_from(decode(record)), expires_at))
-        read = _KeptChecks(generation or 0, now, revocation, tuple(grants))
+        read = _KeptChecks(generation or (0, 0), now, revocation, tuple(grants))
         if generation is not None:
             if len(self._kept) >= ISSUANCE_KEPT_ENTRIES:
                 self._kept.clear()
@@ -563,7 +567,6 @@ class SqliteStore:
             conn.close()
         if self._changes is not None:
             self._changes.close()
-            self._changes = None
 
     # Connections and housekeeping
 
@@ -584,11 +587,31 @@ class SqliteStore:
 
     @contextmanager
     def _changing(self) -> Iterator[None]:
-        """Around a write of kill switches or exceptions (committed inside): moves the change counter."""
-        if self._changes is None:
-            yield
-            return
-        with self._changes.changing():
+        """Around a write of kill switches or exceptions (committed inside): moves the change counter.
+
+        Another process's lock held past the busy timeout refuses the write (StoreUnavailable), as
+        SQLite's own lock does. Without a counter (its file cannot be opened here, nor written) the
+        write still goes ahead and says so: refusing a kill switch would be worse than other processes
+        seeing it up to :data:`ISSUANCE_KEPT_SECONDS` late.
+        """
+        changes = self._changes
+        if changes is None:  # opened again for every write: readers elsewhere need it moved
+            changes = self._changes = ChangeGeneration.beside(self.path, lock_timeout=self._busy_timeout)
+        with ExitStack() as moved:
+            try:
+                if changes is None:
+                    raise FileNotFoundError("no change counter")
+                moved.enter_context(changes.changing())
+            except TimeoutError:
+                raise
+            except OSError as e:
+                log.error(  # noqa: TRY400 (the cause is the message; no traceback of ours)
+                    "sqlite %s: this kill switch or exception is written without moving the change counter"
+                    " (%s): other processes see it within %g s, not at once",
+                    self.path,
+                    e,
+                    ISSUANCE_KEPT_SECONDS,
+                )
             yield
 
     def _writer(self) -> tuple[sqlite3.Connection, float]:
