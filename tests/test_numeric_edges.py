@@ -13,6 +13,7 @@ import datetime
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,25 @@ def test_strict_json_keeps_what_is_json() -> None:
         '"s": "\\ud83d\\ude00 \\\\ud800", "l": [[0.5]]}'
     )
     assert value == {"i": 2**63 - 1, "n": -(2**63 - 1), "f": 1.5e300, "s": "😀 \\ud800", "l": [[0.5]]}
+
+
+def test_strict_json_refusals_on_other_threads_never_let_one_through() -> None:
+    """The fast parse learns of refused numbers from a counter shared by every thread: a refusal made
+    beside it may only cost a second parse, never accept a text of its own that holds one."""
+    good = '{"exp": 1796000000, "scope": "read", "l": [1, 2]}'
+    bad = ['{"exp": NaN}', '{"a": [1, [2, -Infinity]]}', '{"exp": 9223372036854775808}', '{"x": 1e400}']
+
+    def parse(n: int) -> str:
+        text = bad[n % len(bad)] if n % 2 else good
+        try:
+            strict_json.loads(text)
+        except strict_json.JsonError:
+            return "refused" if n % 2 else "wrongly refused"
+        return "wrongly accepted" if n % 2 else "accepted"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(parse, range(4000)))
+    assert outcomes.count("accepted") == outcomes.count("refused") == 2000
 
 
 @pytest.mark.parametrize(

@@ -64,11 +64,13 @@ class ChangeGeneration:
         self._closed = False
         self._retired: list[int] = []  # descriptors of files replaced under us (kept open: no reuse)
         self._fd = -1
-        self._seen = 0  # the highest counter read from this file
-        self._inode = 0  # of the file self._fd reads, as of the last check
+        # What readers use, swapped whole: the descriptor and its file's inode, so a tag always names
+        # the file its value was read from (a reopen on another thread cannot pair one with another's).
+        self._file: tuple[int, int] = (-1, 0)
         self._next_file_check = 0.0  # monotonic time of the next check that the file is still there
+        self._seen: Generation = (0, 0)  # the highest counter read, with the inode it was read from
         self._reset_locks()
-        self._fd = self._open()
+        self._use(self._open())
         _HANDLES.add(self)
 
     @classmethod
@@ -90,27 +92,27 @@ class ChangeGeneration:
     def current(self) -> Generation | None:
         """The tag for a read about to start, or None when what is read now must not be kept: a write
         is in progress (odd), the counter went back, its file is gone or replaced, or unreadable."""
-        fd = self._fd
+        fd, inode = self._file
         if self._closed or fd < 0:
             return None
         try:
             value = _read(fd)
             now = time.monotonic()
             if now >= self._next_file_check:  # fstat is a few µs: not on every exchange
-                status = os.fstat(fd)
                 self._next_file_check = now + FILE_CHECK_SECONDS
-                if status.st_nlink == 0:  # deleted or replaced: its writers write elsewhere now
+                if os.fstat(fd).st_nlink == 0:  # deleted or replaced: its writers write elsewhere now
                     self._next_file_check = 0.0
                     self._replace_if_free()
                     return None
-                self._inode = status.st_ino
         except OSError:
             return None
+        tag = (inode, value)
         with self._state:
-            if value % 2 or value < self._seen:
+            seen_inode, seen = self._seen
+            if value % 2 or (inode == seen_inode and value < seen):
                 return None
-            self._seen = value
-        return (self._inode, value)
+            self._seen = tag
+        return tag
 
     def _replace_if_free(self) -> None:
         """Open the file the path names now, unless a writer of this process is at work (it will)."""
@@ -161,7 +163,8 @@ class ChangeGeneration:
             for fd in [self._fd, *self._retired]:
                 if fd >= 0:
                     os.close(fd)
-            self._fd, self._retired = -1, []
+            self._use(-1)
+            self._retired = []
 
     def _open(self) -> int:
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -169,7 +172,12 @@ class ChangeGeneration:
     def _reset_locks(self) -> None:
         self._writing = threading.Lock()  # writers of this process, one at a time (flock: processes)
         self._state = threading.Lock()  # _seen
-        self._seen = 0
+        self._seen = (0, 0)
+
+    def _use(self, fd: int) -> None:
+        """Read and write ``fd`` from now on (-1: none)."""
+        inode = os.fstat(fd).st_ino if fd >= 0 else 0
+        self._fd, self._file = fd, (fd, inode)
 
     def _reopen_if_replaced(self) -> None:
         """With ``_writing`` held: open the file the path names now, if ours is gone or another one."""
@@ -185,10 +193,7 @@ class ChangeGeneration:
         replacement = self._open()
         if fd >= 0:
             self._retired.append(fd)
-        self._fd = replacement
-        self._next_file_check = 0.0  # the next read takes the new file's inode for its tag
-        with self._state:
-            self._seen = 0
+        self._use(replacement)
 
     def _flock(self, fd: int) -> None:
         deadline = time.monotonic() + self._lock_timeout
@@ -210,9 +215,9 @@ class ChangeGeneration:
         inherited = [self._fd, *self._retired]
         self._retired = []
         try:
-            self._fd = self._open()
+            self._use(self._open())
         except OSError:
-            self._fd = -1  # nothing kept; this process's writes go on (sts.store.sqlite)
+            self._use(-1)  # nothing kept; this process's writes go on (sts.store.sqlite)
         for fd in inherited:
             if fd >= 0:
                 os.close(fd)  # the child's copy only: the parent's stays open
