@@ -21,7 +21,8 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import cast
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FORMATS = ("text", "json")
@@ -78,6 +79,19 @@ class SafeFormatter(logging.Formatter):
         record.message = escape(record.message)
         return super().formatMessage(record)
 
+    @property
+    def renders_directly(self) -> bool:
+        """Whether :meth:`render` writes this formatter's lines: only for :data:`FORMAT`, the one
+        :func:`configure_logging` installs (another format goes through ``logging.Formatter``)."""
+        return type(self) is SafeFormatter and self._fmt == FORMAT and self.datefmt is None
+
+    def render(
+        self, created: float, levelname: str, name: str, message: str, fields: Mapping[str, object]
+    ) -> str:
+        """The line :meth:`format` makes of a record with these attributes and no exception, in
+        :data:`FORMAT`, without the record (see :func:`log_direct`)."""
+        return f"{self._stamp.text(created)},{_msecs(created):03d} {levelname} {name}: {escape(message)}"
+
     def formatException(self, ei: logging._SysExcInfoType) -> str:
         text = super().formatException(ei)
         return "\n".join("    | " + escape(line) for line in text.splitlines())
@@ -93,19 +107,45 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._stamp = _SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
+    @property
+    def renders_directly(self) -> bool:
+        """Whether :meth:`render` writes this formatter's lines (not for a subclass, which may differ)."""
+        return type(self) is JsonFormatter
+
     def format(self, record: logging.LogRecord) -> str:
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        head = (record.levelname, record.name, record.getMessage())
+        return self._document(record.created, int(record.msecs), head, record.__dict__, exception)
+
+    def render(
+        self, created: float, levelname: str, name: str, message: str, fields: Mapping[str, object]
+    ) -> str:
+        """The line :meth:`format` makes of a record with these attributes, ``fields`` as its
+        ``extra`` and no exception, without the record (see :func:`log_direct`)."""
+        return self._document(created, _msecs(created), (levelname, name, message), fields, None)
+
+    def _document(
+        self,
+        created: float,
+        msecs: int,
+        head: tuple[str, str, str],
+        fields: Mapping[str, object],
+        exception: str | None,
+    ) -> str:
+        """The JSON line: ``head`` is the record's level name, logger name and message."""
+        levelname, name, message = head
         document: dict[str, object] = {
-            "time": f"{self._stamp.text(record.created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
+            "time": f"{self._stamp.text(created)}.{msecs:03d}Z",
+            "level": levelname,
+            "logger": name,
+            "message": message,
         }
         for field in JSON_FIELDS:
-            value = record.__dict__.get(field)
+            value = fields.get(field)
             if value is not None:
                 document[field] = value
-        if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
+        if exception:
+            document["exception"] = exception
         return json.dumps(document, ensure_ascii=True, default=str)
 
 
@@ -122,6 +162,74 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     @stream.setter
     def stream(self, value: object) -> None:
         pass
+
+
+def _msecs(created: float) -> int:
+    """A record's milliseconds as ``logging.LogRecord`` computes them from ``time.time()``."""
+    return int((created - int(created)) * 1000)
+
+
+def _direct_handler(logger: logging.Logger, level: int) -> _StderrHandler | None:
+    """Our stderr handler when it is the one handler a record of ``logger`` at ``level`` reaches and
+    nothing else could see or change the record (no filter, a formatter that renders directly); else None.
+
+    Walked on every call (two or three loggers): an embedding application or a test may add a
+    handler or a filter at any time, and its records must then go through ``logging`` as usual.
+    """
+    if logger.filters or logger.disabled:
+        return None
+    found: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if found is not None:
+                return None
+            found = handler
+        current = current.parent if current.propagate else None
+    if (
+        type(found) is not _StderrHandler
+        or found.filters
+        or level < found.level
+        or not getattr(found.formatter, "renders_directly", False)
+    ):
+        return None
+    return found
+
+
+def log_direct(
+    logger: logging.Logger, level: int, template: str, args: tuple[object, ...], fields: Mapping[str, object]
+) -> None:
+    """``logger.log(level, template, *args, extra=fields)``, written straight by our handler when it is
+    the only one the record would reach: the very line its formatter makes of the record, one write.
+
+    Why: the token endpoint logs one record per exchange, and logging's general path (a
+    ``LogRecord`` of some thirty attributes, the walk to the handlers, the handler's lock, the
+    formatter's ``%`` style) cost about 60 µs of a 430 µs exchange in a busy worker (bench/README.md).
+    The line is the same (tests/test_log_safety.py compares the two paths for both formats), so is
+    its escaping, and so is the one flushed write per record. Anything else (another handler, a
+    filter, a level set on the handler, another format) takes ``logging``'s own path.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handler = _direct_handler(logger, level)
+    if handler is None:
+        logger.log(level, template, *args, extra=fields)
+        return
+    formatter = cast(SafeFormatter | JsonFormatter, handler.formatter)
+    levelname = logging.getLevelName(level)
+    line = formatter.render(time.time(), levelname, logger.name, template % args, fields) + "\n"
+    handler.acquire()
+    try:
+        stream = sys.stderr
+        stream.write(line)
+        stream.flush()
+    except RecursionError:  # as StreamHandler.emit (bpo-36272)
+        raise
+    except Exception:  # as StreamHandler.emit: the handler reports it, the caller is not disturbed
+        record = logger.makeRecord(logger.name, level, "(direct)", 0, template, args, None, extra=fields)
+        handler.handleError(record)
+    finally:
+        handler.release()
 
 
 def configure_logging(level: str | int, log_format: str = "text") -> None:

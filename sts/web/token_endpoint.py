@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from sts.errors import InvalidClient, InvalidRequest, RateLimited, StsError
 from sts.exchange import ExchangeRequest
+from sts.logsafe import log_direct
 from sts.metrics import Metrics
 from sts.runtime import Services
 from sts.store import StoreUnavailable
@@ -143,16 +144,20 @@ class TokenEndpoint:
         except Exception:  # a bug: logged with its traceback, answered generically (never the detail)
             log.exception("unexpected error serving POST /token (request %s)", rid)
             return self._respond(500, StsError().to_json(), rid, [])
-        log.info(
+        log_direct(
+            log,
+            logging.INFO,
             "issued %s token for %s to %s (task %s, binding %s, jti %s, request %s)",
-            issued.token_class,
-            issued.target,
-            issued.subject,
-            issued.task_id or "-",
-            issued.binding,
-            issued.jti,
-            rid,
-            extra={
+            (
+                issued.token_class,
+                issued.target,
+                issued.subject,
+                issued.task_id or "-",
+                issued.binding,
+                issued.jti,
+                rid,
+            ),
+            {
                 "request_id": rid,
                 "sub": issued.subject,
                 "target": issued.target,
@@ -168,14 +173,12 @@ class TokenEndpoint:
         count_store_error(self._metrics, error)
         level = logging.ERROR if error.status >= 500 else logging.INFO
         detail = f" [{error.detail}]" if error.detail else ""
-        log.log(
+        log_direct(
+            log,
             level,
             "refused POST /token: %s %s%s (request %s)",
-            error.error,
-            error.description,
-            detail,
-            rid,
-            extra={"request_id": rid, "error": error.error},
+            (error.error, error.description, detail, rid),
+            {"request_id": rid, "error": error.error},
         )
         return error_answer(error, [("X-Request-Id", rid)])
 
