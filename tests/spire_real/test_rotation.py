@@ -8,6 +8,7 @@ follows an activated CA by itself, without tainting the old one first.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,52 @@ def mtls_exchange(spire: Deployment, sts: Sts) -> dict[str, Any]:
     )
 
 
+def agent_svid_serials(spire: Deployment) -> dict[str, str]:
+    """Each attested agent's X.509-SVID serial number (``spire-server agent list``)."""
+    listed = spire.server.cli_json("agent", "list")
+    return {
+        f"spiffe://{a['id']['trust_domain']}{a['id']['path']}": str(a["x509svid_serial_number"])
+        for a in listed.get("agents") or []
+    }
+
+
+def spire_server_leaf(spire: Deployment) -> x509.Certificate:
+    """The SPIRE server's own X.509-SVID, as its TLS listener presents it (gRPC needs ALPN ``h2``)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", spire.server.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def wait_spire_reissued(spire: Deployment, new_ca: x509.Certificate, agent_serials: dict[str, str]) -> None:
+    """After ``localauthority x509 taint``: until SPIRE's own SVIDs left the tainted CA too, not only
+    the workloads'. Revoking earlier strands the agent: the server re-issues its own SVID on its next
+    5 s tick (``pkg/server/svid/rotator.go``), while the agent rotates its SVID at once and reconnects;
+    a server certificate from a CA already gone from the agent's bundle is, with rebootstrap
+    ``never``, a non-recoverable sync error (``pkg/agent/manager/manager.go``), and the agent exits
+    with its Workload API. Seen under load in CI: revoke at +1 s, agent reconnect +3 s, server SVID
+    +4 s."""
+    wait_for(
+        "the SPIRE server's own X.509-SVID re-issued by the new CA",
+        lambda: spire_server_leaf(spire).issuer == new_ca.subject,
+        timeout=20,
+        interval=0.5,
+    )
+    wait_for(
+        "the agent's own X.509-SVID re-issued",
+        lambda: all(agent_svid_serials(spire).get(a) not in (None, s) for a, s in agent_serials.items()),
+        timeout=20,
+        interval=0.5,
+    )
+
+
 def issued(answer: dict[str, Any]) -> dict[str, Any]:
     """The answer of a workload's exchange that issued a token, else HarnessError (retried by wait_for)."""
     if "access_token" not in answer:
@@ -174,6 +221,7 @@ def test_x509_authority_rotation_the_tls_certificate_follows(rotation: tuple[Dep
 
     # taint: the agent re-issues every SVID the old CA signed. Only then revoke (it leaves the
     # bundle): an SVID the agent has not re-issued yet would be stranded, untrusted until its renewal.
+    agents = agent_svid_serials(spire)
     spire.server.localauthority("x509", "taint", old_id)
     client = wait_for(
         "an mTLS exchange with the researcher's X.509-SVID re-issued by the new CA",
@@ -182,6 +230,7 @@ def test_x509_authority_rotation_the_tls_certificate_follows(rotation: tuple[Dep
         interval=1.0,
     )
     assert "access_token" in client
+    wait_spire_reissued(spire, new_ca, agents)
     spire.server.localauthority("x509", "revoke", old_id)
     wait_authorities(sts, "x509", 1)
     assert "access_token" in mtls_exchange(spire, sts)
@@ -255,6 +304,7 @@ def test_a_long_lived_token_client_follows_an_x509_rotation(rotation: tuple[Depl
             timeout=STS_X509_TTL + 15,
             interval=1.0,
         )
+        agents = agent_svid_serials(spire)
         spire.server.localauthority("x509", "taint", old_id)
         tmp = spire.directory / "x509-check"
         tmp.mkdir(exist_ok=True)
@@ -264,6 +314,7 @@ def test_a_long_lived_token_client_follows_an_x509_rotation(rotation: tuple[Depl
             timeout=20,
             interval=0.5,
         )
+        wait_spire_reissued(spire, new_ca, agents)
         spire.server.localauthority("x509", "revoke", old_id)
         wait_authorities(sts, "x509", 1)
 

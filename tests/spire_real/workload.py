@@ -98,7 +98,7 @@ def _token(args: argparse.Namespace) -> dict[str, Any]:
                 client_assertion=args.client_assertion,
             )
         except StsError as e:
-            return {"error": e.error, "description": e.description, "class": type(e).__name__}
+            return _refused(e)
         answer: dict[str, Any] = {
             "access_token": token.value,
             "token_type": token.token_type,
@@ -121,7 +121,12 @@ def _task(args: argparse.Namespace) -> dict[str, Any]:
         try:
             return client.create_task(args.assignee, targets, purpose=args.purpose, ttl_seconds=args.ttl)
         except StsError as e:
-            return {"error": e.error, "description": e.description, "class": type(e).__name__}
+            return _refused(e)
+
+
+def _refused(e: StsError) -> dict[str, Any]:
+    """A refusal as the test sees it, with the underlying cause (``detail``: e.g. py-spiffe's message)."""
+    return {"error": e.error, "description": e.description, "class": type(e).__name__, "detail": e.detail}
 
 
 def _session(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +173,7 @@ def _session(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     answer = {"error": "unknown op"}
             except StsError as e:
-                answer = {"error": e.error, "description": e.description, "class": type(e).__name__}
+                answer = _refused(e)
             print(json.dumps(answer), flush=True)
     return {"done": True}
 
