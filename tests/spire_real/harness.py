@@ -519,15 +519,18 @@ class Sts:
         return "\n".join(p.tail(200) for p in self.processes)
 
 
-def tls_peer_chain(host: str, port: int, ca_pem: str | None = None) -> list[bytes]:
+def tls_peer_chain(host: str, port: int, ca_pem: str | None = None, *, alpn: tuple[str, ...] = ()) -> list[bytes]:
     """The certificate chain (DER, leaf first) a TLS server presents; verified against ``ca_pem`` when
-    given (a failed verification raises ``ssl.SSLCertVerificationError``), else not verified."""
+    given (a failed verification raises ``ssl.SSLCertVerificationError``), else not verified. ``alpn``:
+    the protocols offered (a gRPC server such as SPIRE's refuses a handshake without ``h2``)."""
     if ca_pem is not None:
         context = ssl.create_default_context(cadata=ca_pem)
     else:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
     with (
         socket.create_connection((host, port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname=host) as tls,

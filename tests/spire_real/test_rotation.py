@@ -8,7 +8,6 @@ follows an activated CA by itself, without tainting the old one first.
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,18 +146,9 @@ def agent_svid_serials(spire: Deployment) -> dict[str, str]:
 
 
 def spire_server_leaf(spire: Deployment) -> x509.Certificate:
-    """The SPIRE server's own X.509-SVID, as its TLS listener presents it (gRPC needs ALPN ``h2``)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection(("127.0.0.1", spire.server.port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
+    """The SPIRE server's own X.509-SVID, as its TLS listener presents it."""
+    chain = tls_peer_chain("127.0.0.1", spire.server.port, alpn=("h2",))
+    return x509.load_der_x509_certificate(chain[0])
 
 
 def wait_spire_reissued(spire: Deployment, new_ca: x509.Certificate, agent_serials: dict[str, str]) -> None:
@@ -169,6 +159,7 @@ def wait_spire_reissued(spire: Deployment, new_ca: x509.Certificate, agent_seria
     ``never``, a non-recoverable sync error (``pkg/agent/manager/manager.go``), and the agent exits
     with its Workload API. Seen under load in CI: revoke at +1 s, agent reconnect +3 s, server SVID
     +4 s."""
+    assert agent_serials, "no attested agent listed before the taint"
     wait_for(
         "the SPIRE server's own X.509-SVID re-issued by the new CA",
         lambda: spire_server_leaf(spire).issuer == new_ca.subject,
