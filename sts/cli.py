@@ -340,9 +340,13 @@ def _uvicorn(settings: Settings) -> None:
     if server.workers == 1:
         uvicorn.Server(config).run()
         return
+    from sts.web.listeners import SPREADS_CONNECTIONS, reserve
     from sts.web.supervisor import BoundedMultiprocess
 
-    sock = config.bind_socket()
+    # One socket per worker (SO_REUSEPORT), so the kernel spreads connections over the workers
+    # (sts.web.listeners); where it would not, one socket shared by all as uvicorn binds it.
+    host, port = settings.listen.host, settings.listen.port
+    sock = reserve(host, port) if SPREADS_CONNECTIONS else config.bind_socket()
     try:
         BoundedMultiprocess(config, sockets=[sock], drain_seconds=server.drain_timeout).run()
     finally:

@@ -12,8 +12,9 @@ requests are answered by the same :class:`~sts.web.app.StsHttp` as the plain lis
 Each connection gets the TLS context that is current when it arrives (``ServerTls``): the
 server's own X.509-SVID and the X.509 authorities of every trust domain, so rotation needs no
 restart. Client certificates are optional at the TLS layer; the exchange then verifies the leaf as
-an X.509-SVID against its own trust domain. ``server.workers`` processes share one listening
-socket (pre-fork, bound without SO_REUSEPORT so a busy address is an error, not a shared port).
+an X.509-SVID against its own trust domain. ``server.workers`` pre-forked processes each listen on
+their own socket on the address (``SO_REUSEPORT``, so the kernel spreads connections over them,
+:mod:`sts.web.listeners`), or share one where the system would not spread them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from sts.web.http import (
     joined_headers,
     status_line,
 )
+from sts.web.listeners import SPREADS_CONNECTIONS, PortReservation, reserve
 from sts.web.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,14 @@ class TlsServer:
         self._body_timeout = float(server.body_timeout)
         self._handshake_timeout = float(server.handshake_timeout)
         self._max_connections = server.max_connections
+        self._backlog = backlog(settings)
         self._server_address = (settings.listen.host, settings.listen.port)
         self._connections: set[asyncio.Task[None]] = set()
         self._busy = 0
         self._stopping = False
 
     async def serve(self, sock: socket.socket, stop: asyncio.Event, drain_seconds: float) -> None:
-        server = await asyncio.start_server(self._accept, sock=sock, limit=READ_CHUNK)
+        server = await asyncio.start_server(self._accept, sock=sock, limit=READ_CHUNK, backlog=self._backlog)
         try:
             await stop.wait()
         finally:
@@ -317,15 +320,20 @@ _DER = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009 (the private module's con
 # ---- processes -----------------------------------------------------------------------------------
 
 
+def backlog(settings: Settings) -> int:
+    """The listen backlog: room for ``server.max_connections`` arriving at once (at least 1024)."""
+    return min(max(1024, settings.server.max_connections), 65535)
+
+
 def bind(settings: Settings) -> socket.socket:
-    """The listening socket, without SO_REUSEPORT: an address in use is an error (OSError)."""
+    """The parent's socket: a :class:`~sts.web.listeners.PortReservation` each worker takes its own
+    socket from, or (where the kernel would not spread connections) one listening socket for all,
+    without SO_REUSEPORT. An address in use is an error (OSError)."""
+    if SPREADS_CONNECTIONS:
+        return reserve(settings.listen.host, settings.listen.port)
+    address = (settings.listen.host, settings.listen.port)
     family = socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET
-    return socket.create_server(
-        (settings.listen.host, settings.listen.port),
-        family=family,
-        backlog=min(max(1024, settings.server.max_connections), 65535),
-        reuse_port=False,
-    )
+    return socket.create_server(address, family=family, backlog=backlog(settings), reuse_port=False)
 
 
 def _worker(config_path: Path, sock: socket.socket, drain_seconds: float) -> int:
@@ -342,6 +350,10 @@ def _worker(config_path: Path, sock: socket.socket, drain_seconds: float) -> int
     assert settings.listen.tls is not None  # noqa: S101 (serve_tls is only called with listen.tls)
     tls = ServerTls(settings.listen.tls, services.trust, services.watcher)
     server = TlsServer(StsHttp(services), tls, settings)
+
+    if isinstance(sock, PortReservation):  # its own socket, listening once the worker is ready
+        reservation, sock = sock, sock.worker_socket()
+        reservation.close()  # this process's copy; the parent keeps the address
 
     async def main() -> None:
         stop = asyncio.Event()
