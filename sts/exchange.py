@@ -52,7 +52,7 @@ from sts.errors import (
 )
 from sts.keys import KeyRing
 from sts.policy import SVID_SUBJECT, Decision, Policy, PolicyRequest, TaskFacts
-from sts.rate_lease import RateLimiter
+from sts.rate_lease import BackgroundRunner, RateLimiter
 from sts.spiffeid import SpiffeId, SpiffeIdError
 from sts.store import RETENTION_SECONDS, Budget, Store, SubjectRevocation, TaskRecord, TokenRecord
 from sts.svid import JwtSvidVerifier, X509SvidVerifier
@@ -230,7 +230,8 @@ class TokenExchange:
         index: TokenIndexWriter | None = None,
     ) -> None:
         # Both keep the store writes of a plain exchange off its path (sts.rate_lease, sts.token_index).
-        self.rate = rate if rate is not None else RateLimiter(store)
+        self._rate_ahead = BackgroundRunner() if rate is None else None  # ours to stop at close
+        self.rate = rate if rate is not None else RateLimiter(store, ahead=self._rate_ahead)
         self.index = index if index is not None else TokenIndexWriter(store)
         self.issued_claims = issued_claims
         self.max_delegation_depth = max_delegation_depth
@@ -251,7 +252,10 @@ class TokenExchange:
         self.max_ttl = max_ttl
 
     def close(self) -> None:
-        """Write the token index entries still queued (a graceful stop loses none)."""
+        """Stop the rate limit's leases ahead and write the token index entries still queued (a
+        graceful stop loses none), both before the store closes."""
+        if self._rate_ahead is not None:
+            self._rate_ahead.close()
         self.index.close()
 
     def exchange(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -320,3 +321,207 @@ def test_a_durable_redis_refuses_leases_during_a_loss(tmp_path: Path) -> None:
         with pytest.raises(StoreLost):
             rate.admit(f"{KEY}:fresh", limit=20, now=time.time())
         store.close()
+
+
+# ---------------------------------------------------------------------------- leases ahead of need
+
+
+class Ahead:
+    """A runner for tests: jobs run at once (``inline``) or when the test says (:meth:`run`); it
+    marks the store calls they make, so the request path's own leases can be told apart."""
+
+    def __init__(self, store: Counting, *, inline: bool = True, room: int = 10**6) -> None:
+        self.store = store
+        self.inline = inline
+        self.room = room
+        self.jobs: list[rate_lease.Job] = []
+        self.ahead_wants: list[int] = []
+
+    def __call__(self, job: rate_lease.Job) -> bool:
+        if len(self.jobs) >= self.room:
+            return False
+        self.jobs.append(job)
+        if self.inline:
+            self.run()
+        return True
+
+    def run(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            before = len(self.store.wants)
+            job()
+            self.ahead_wants.extend(self.store.wants[before:])
+            del self.store.wants[before:]  # what remains in store.wants is the request path's
+
+
+def test_a_busy_workload_finds_its_units_in_hand() -> None:
+    store = Counting(MemoryStore())
+    ahead = Ahead(store)
+    rate = limiter(store, ahead=ahead)
+    assert admitted(rate, 2000, limit=10**6) == 2000
+    assert store.wants == [1, 2]  # the request path leased only the first three units
+    assert sum(ahead.ahead_wants) + 3 >= 2000  # every admitted unit came from the store
+    assert max(ahead.ahead_wants) <= 10**6 // CHUNK_DIVISOR
+
+
+def test_late_in_a_slot_the_next_slots_first_chunk_is_leased_ahead() -> None:
+    store = Counting(MemoryStore())
+    ahead = Ahead(store)
+    rate = limiter(store, ahead=ahead)
+    assert admitted(rate, 100, limit=10**6, now=NOW + 0.2) == 100
+    assert admitted(rate, 100, limit=10**6, now=NOW + 0.6) == 100  # past AHEAD_FROM: the next is leased
+    taken = store.store.lease_in_window(KEY, want=0, limit=10**6, window=1, now=NOW + 1)
+    assert taken == 0
+    store.wants.clear()
+    assert admitted(rate, 100, limit=10**6, now=NOW + 1.0) == 100
+    assert store.wants == []  # the new slot began with units in hand
+    # The store counts them in that slot, so the bound there is the same.
+    assert store.store.lease_in_window(KEY, want=10**6, limit=10**6, window=1, now=NOW + 1) < 10**6
+
+
+def test_a_quiet_workload_never_leases_ahead() -> None:
+    store = Counting(MemoryStore())
+    ahead = Ahead(store)
+    rate = limiter(store, ahead=ahead)
+    assert admitted(rate, 3, limit=20, now=NOW + 0.9) == 3  # the default limit: chunks of 1, exact
+    assert admitted(rate, 2, limit=1000, now=NOW + 0.9, key="rate:quiet") == 2  # chunks under 4
+    assert ahead.ahead_wants == [] and ahead.jobs == []
+    assert store.store.lease_in_window(KEY, want=100, limit=20, window=1, now=NOW) == 17
+
+
+def test_while_a_lease_ahead_is_on_its_way_a_request_takes_one_unit_itself() -> None:
+    store = Counting(MemoryStore())
+    ahead = Ahead(store, inline=False)
+    rate = limiter(store, ahead=ahead)
+    assert admitted(rate, 3, limit=10**6) == 3  # 1 + 2 leased; the third unit's use asks 4 ahead
+    assert len(ahead.jobs) == 1
+    assert admitted(rate, 3, limit=10**6) == 3  # nothing in hand, the chunk not back: one unit each
+    assert store.wants == [1, 2, 1, 1, 1]
+    ahead.run()
+    store.wants.clear()
+    assert admitted(rate, 4, limit=10**6) == 4  # the chunk arrived
+    assert store.wants == []
+
+
+def test_a_lease_ahead_for_a_slot_already_over_is_never_taken() -> None:
+    store = Counting(MemoryStore())
+    ahead = Ahead(store, inline=False)
+    rate = limiter(store, ahead=ahead)
+    assert admitted(rate, 10, limit=10**6, now=NOW + 0.7) == 10
+    assert ahead.jobs  # this slot's next chunk and the next slot's first, both waiting
+    assert admitted(rate, 1, limit=10**6, now=NOW + 2.0) == 1  # two slots later
+    ahead.run()
+    assert ahead.ahead_wants == []  # neither reached the store
+    assert store.store.lease_in_window(KEY, want=1, limit=1, window=1, now=NOW + 1) == 1  # slot NOW+1 untouched
+
+
+def test_a_full_runner_leaves_the_request_path_to_lease() -> None:
+    store = Counting(MemoryStore())
+    rate = limiter(store, ahead=Ahead(store, room=0))
+    assert admitted(rate, 200, limit=10**6, now=NOW + 0.7) == 200
+    assert sum(store.wants) >= 200 and len(store.wants) <= 10  # geometric, on the request path
+
+
+def test_a_store_failure_ahead_admits_nothing_and_the_request_fails_itself() -> None:
+    store = Counting(MemoryStore())
+    ahead = Ahead(store, inline=False)
+    rate = limiter(store, ahead=ahead)
+    assert admitted(rate, 4, limit=10**6) == 4
+    store.down = True
+    ahead.run()  # the chunk ahead fails: no unit, and it is no longer on its way
+    with pytest.raises(StoreUnavailable):
+        rate.admit(KEY, limit=10**6, now=NOW)
+    store.down = False
+    assert rate.admit(KEY, limit=10**6, now=NOW)
+
+
+@pytest.mark.parametrize("limit", [40, 100, 400, 2000])
+def test_with_leases_ahead_several_processes_never_admit_more_than_the_limit(
+    shared: list[Store], limit: int
+) -> None:
+    """Demand of twice the limit at three moments of a slot (leases ahead within it, and of the next
+    slot from its middle on), then in the next slot: each slot admits at most the limit, and no fewer
+    than the limit less the stated tolerance, 2 x P x max(1, limit // 20)."""
+    runners = [rate_lease.BackgroundRunner() for _ in shared]
+    limiters = [limiter(store, ahead=runner) for store, runner in zip(shared, runners, strict=True)]
+    chooser = random.Random(limit)
+    tolerance = 2 * len(shared) * max(1, limit // CHUNK_DIVISOR)
+    try:
+        for offsets in ((0.1, 0.6, 0.9), (1.2, 1.5)):
+            total = 0
+            for offset in offsets:
+                for _ in range(limit * 2):
+                    total += limiters[chooser.randrange(4)].admit(KEY, limit=limit, now=NOW + offset)
+                for runner in runners:
+                    wait_until(lambda runner=runner: runner.pending == 0, timeout=10)
+            assert limit - tolerance <= total <= limit, (offsets, total)
+    finally:
+        for runner in runners:
+            runner.close()  # before the fixture closes the stores
+
+
+def test_real_processes_with_leases_ahead_never_exceed_the_limit(tmp_path: Path) -> None:
+    SqliteStore(tmp_path / "sts.db").close()
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    limit, start = 400, time.time() + 0.5
+    workers = [
+        context.Process(target=_process_ahead, args=(str(tmp_path / "sts.db"), limit, 300, start, results))
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    totals = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+        assert worker.exitcode == 0
+    assert limit - 2 * 4 * (limit // CHUNK_DIVISOR) <= sum(totals) <= limit
+
+
+def _process_ahead(path: str, limit: int, attempts: int, start: float, results: Any) -> None:
+    store = SqliteStore(Path(path))
+    runner = rate_lease.BackgroundRunner()
+    rate = limiter(store, ahead=runner)
+    while time.time() < start:
+        time.sleep(0.001)
+    now = NOW + 0.7  # late in the slot: chunks within it and the next slot's first are leased ahead
+    total = 0
+    for _ in range(attempts):
+        total += rate.admit(KEY, limit=limit, now=now)
+        time.sleep(0.0002)  # give the runner its turn, as a server's event loop does between requests
+    results.put(total)
+    runner.close()
+    store.close()
+
+
+def test_the_background_runner_runs_jobs_in_order_and_survives_a_failing_one() -> None:
+    runner = rate_lease.BackgroundRunner(max_pending=3)
+    done: list[int] = []
+    gate = threading.Event()
+
+    def blocked() -> None:
+        gate.wait(10)
+
+    def failing() -> None:
+        raise RuntimeError("a bug in a job")
+
+    assert runner(blocked)
+    wait_until(lambda: runner.pending == 0, timeout=5)  # taken by the thread, which now waits
+    assert runner(failing) and runner(lambda: done.append(1)) and runner(lambda: done.append(2))
+    assert not runner(lambda: done.append(3))  # full: refused, never queued
+    gate.set()
+    wait_until(lambda: done == [1, 2], timeout=5)
+    assert runner(lambda: done.append(4))
+    wait_until(lambda: done == [1, 2, 4], timeout=5)
+    gate.clear()
+    assert runner(blocked) and runner(lambda: done.append(5))
+    wait_until(lambda: runner.pending == 1, timeout=5)
+    closing = threading.Thread(target=runner.close)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive()  # close waits for the job running
+    gate.set()
+    closing.join(5)
+    assert not closing.is_alive()
+    assert done == [1, 2, 4]  # the job that was waiting was dropped, not run after close
+    assert not runner(lambda: done.append(6))  # closed: refuses

@@ -130,6 +130,16 @@ _RECORD_TOKEN = """
 INSERT OR REPLACE INTO tokens (jti, task_id, spiffe_id, issued_at, record, expires_at)
 VALUES (?, ?, ?, ?, ?, ?)
 """
+ROWS_PER_INSERT = 100  # 600 parameters: under SQLite's oldest limit of 999 per statement
+
+
+@functools.lru_cache(maxsize=8)
+def _record_tokens_sql(rows: int) -> str:
+    """``_RECORD_TOKEN`` for ``rows`` rows in one statement (later rows replace earlier ones, as in order)."""
+    one = "(?, ?, ?, ?, ?, ?)"
+    return _RECORD_TOKEN.replace(f"VALUES {one}", "VALUES " + ", ".join([one] * rows))
+
+
 # One statement, one snapshot: the three things that can make a token inactive.
 _TOKEN_STATE = """
 SELECT j.jti, t.record, t.completed_at, t.completed_by, s.record
@@ -358,8 +368,14 @@ class SqliteStore:
         rows = [
             (t.jti, t.task_id, t.spiffe_id, t.issued_at, record_json(t), t.expires_at) for t in tokens
         ]
-        with _immediate(conn):  # one commit for the whole batch
-            conn.executemany(_RECORD_TOKEN, rows)
+        # One commit for the whole batch, and one statement per ROWS_PER_INSERT rows rather than one
+        # per row: the sqlite3 module gives up the GIL around every step and must win it back from
+        # the request thread each time, while this transaction holds the file's write lock (measured:
+        # executemany held it 10-20 ms per batch of ~150 under load, so requests' writes queued).
+        with _immediate(conn):
+            for start in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = rows[start : start + ROWS_PER_INSERT]
+                conn.execute(_record_tokens_sql(len(chunk)), [value for row in chunk for value in row])
 
     @_answers
     def tokens(
