@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -65,16 +66,20 @@ def served(
     )
 
 
-def server_side_holders(port: int) -> Counter[int]:
-    """How many established connections to ``port`` each process holds (from the kernel's tables)."""
+TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
+
+
+def server_side_holders(port: int, state: str = TCP_ESTABLISHED) -> Counter[int]:
+    """How many sockets on local ``port`` in ``state`` each process holds (from the kernel's tables)."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as lines:
             next(lines)
             for line in lines:
                 fields = line.split()
-                local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
-                if local_port == port and state == "01":  # TCP_ESTABLISHED
+                local_port, socket_state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+                if local_port == port and socket_state == state:
                     inodes.add(f"socket:[{inode}]")
     holders: Counter[int] = Counter()
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -89,6 +94,15 @@ def server_side_holders(port: int) -> Counter[int]:
             except OSError:
                 continue
     return holders
+
+
+def both_workers_listening(port: int) -> None:
+    """Wait until two processes listen on ``port``: the server is ready once one worker is, and under
+    load the second may still be building its services (it listens only when ready)."""
+    deadline = time.monotonic() + 60
+    while len(server_side_holders(port, TCP_LISTEN)) < 2:
+        assert time.monotonic() < deadline, f"one worker never listened: {server_side_holders(port, TCP_LISTEN)}"
+        time.sleep(0.05)
 
 
 def open_at_once(port: int, context: ssl.SSLContext | None, stack: ExitStack) -> None:
@@ -112,6 +126,7 @@ def test_connections_opened_at_once_are_spread_over_the_workers(
 ) -> None:
     server, context = served
     port = int(server.url.rsplit(":", 1)[1])
+    both_workers_listening(port)
     for _ in range(ROUNDS):
         with ExitStack() as stack:
             open_at_once(port, context, stack)

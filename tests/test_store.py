@@ -403,6 +403,35 @@ def test_record_tokens_indexes_a_batch_as_record_token_does(store: Store, clock:
     assert store.tokens(spiffe_id=AGENT, limit=10) == []
 
 
+def test_a_batch_larger_than_one_statement_is_indexed_whole(store: Store, clock: FakeClock) -> None:
+    """More rows than SQLite takes in one statement (``ROWS_PER_INSERT``): every entry is indexed."""
+    now = int(clock())
+    batch = [TokenRecord(f"j{i}", AGENT, "tool:calc", "tool", now, now + 60 + i, "none") for i in range(250)]
+    store.record_tokens(batch)
+    assert sorted(store.tokens(spiffe_id=AGENT, limit=1000), key=lambda t: t.jti) == sorted(
+        batch, key=lambda t: t.jti
+    )
+
+
+def test_a_jti_written_twice_in_one_sqlite_batch_keeps_the_later_entry(tmp_path: Path, clock: FakeClock) -> None:
+    """One multi-row INSERT OR REPLACE does what one write after another did (executemany): the later
+    row replaces the earlier, also across the statements a large batch is cut into. (The issuer's jtis
+    are random; the index must still not keep two entries for one.)"""
+    store = SqliteStore(tmp_path / "sts.db", clock=clock)
+    try:
+        now = int(clock())
+        batch = [TokenRecord(f"j{i}", AGENT, "tool:calc", "tool", now, now + 60, "none") for i in range(250)]
+        batch[5] = TokenRecord("j150", AGENT, "tool:search", "tool", now, now + 60, "none")  # written, then
+        batch[150] = TokenRecord("j150", AGENT, "data:crm", "data", now + 1, now + 60, "none")  # replaced
+        batch[120] = TokenRecord("j7", AGENT, "data:crm", "data", now + 1, now + 60, "none")  # same statement
+        store.record_tokens(batch)
+        entries = {t.jti: t for t in store.tokens(spiffe_id=AGENT, limit=1000)}
+        assert len(entries) == 248
+        assert entries["j150"] == batch[150] and entries["j7"] == batch[120]
+    finally:
+        store.close()
+
+
 def test_take_budget_never_exceeds_its_limit(store: Store, clock: FakeClock) -> None:
     end = int(clock()) + 600
     assert [store.take_budget("task-1", limit=3, expires_at=end) for _ in range(5)] == [True] * 3 + [
