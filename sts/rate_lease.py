@@ -111,8 +111,10 @@ class RateLimiter:
         cap = max(1, limit // CHUNK_DIVISOR)
         lease: _Lease | None
         with self._lock:
-            if self._slot is None or slot > self._slot:
+            if self._slot is None or slot > self._slot or slot < self._slot - 1:
                 # Old slots are dropped whole; the next one starts with what was leased ahead for it.
+                # A clock stepped back by more than a slot starts afresh too (what was leased for the
+                # later slots is lost, never spent here), or every request would take the late path.
                 self._leases = self._next if self._slot is not None and slot == self._slot + 1 else {}
                 self._slot, self._next = slot, {}
             if slot < self._slot:

@@ -231,6 +231,18 @@ def test_slot_rollover_starts_afresh_and_drops_old_slots() -> None:
     assert rate.admit(KEY, limit=6, now=NOW + 1.5)  # one unit left there under a larger limit
 
 
+def test_a_clock_stepped_back_starts_afresh_instead_of_leasing_per_request() -> None:
+    """One request while the clock was an hour ahead must not leave every later request on the late
+    path (one unit each, a store write on the request path) until the clock catches up."""
+    store = Counting(MemoryStore())
+    rate = limiter(store)
+    assert rate.admit(KEY, limit=10**6, now=NOW + 3600)
+    before = len(store.wants)
+    assert admitted(rate, 2000, limit=10**6, now=NOW) == 2000
+    assert len(store.wants) - before <= 20, store.wants[before:]  # chunks again, not 2,000 calls
+    assert sum(store.wants[before:]) >= 2000
+
+
 def test_window_of_several_seconds() -> None:
     rate = limiter(MemoryStore(), window=10)
     assert admitted(rate, 10, limit=4, now=NOW) == 4

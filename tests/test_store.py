@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from sts.store import (
     RETENTION_SECONDS,
+    WINDOW_GRACE_SECONDS,
     AlreadyExists,
     ExceptionGrant,
     IssuanceChecks,
@@ -373,6 +374,29 @@ def test_lease_in_window_grants_at_most_the_limit_per_window(store: Store, clock
     assert lease("rate:a", want=5, limit=10, window=10, now=start + 10) == 2
     huge = 10**9
     assert lease("rate:h", want=huge // 20, limit=huge, window=10, now=start + 10) == huge // 20
+
+
+def test_a_window_stays_spent_for_a_caller_whose_clock_lags_the_stores(store: Store, clock: FakeClock) -> None:
+    """A caller whose ``now`` is 5 s behind the store's clock (another host's clock, or a lease that
+    waited behind the write lock past the window's end) still finds the window's count. Expired at the
+    window's end by the store's clock (and on Redis, ``EXPIREAT`` in the past deletes the key at once),
+    the counter read 0 used and the whole limit was granted again, on every call."""
+    lagging = float(int(time.time()) - 5)  # a second that is over by the injected clock and by Redis's
+    clock.now = lagging + 5
+    lease = store.lease_in_window
+    assert lease("rate:a", want=10, limit=10, window=1, now=lagging) == 10
+    assert lease("rate:a", want=10, limit=10, window=1, now=lagging) == 0
+    assert [store.count_in_window("rate:b", window=1, now=lagging) for _ in range(3)] == [1, 2, 3]
+
+
+def test_a_window_counter_is_forgotten_after_its_grace(clocked_store: Store, clock: FakeClock) -> None:
+    """The grace is bounded: the store keeps no window's counter longer than the window and the grace."""
+    start = float(int(clock()))
+    assert clocked_store.lease_in_window("rate:a", want=10, limit=10, window=1, now=start) == 10
+    clock.now = start + 1 + WINDOW_GRACE_SECONDS - 0.5
+    assert clocked_store.lease_in_window("rate:a", want=10, limit=10, window=1, now=start) == 0
+    clock.now = start + 1 + WINDOW_GRACE_SECONDS
+    assert clocked_store.lease_in_window("rate:a", want=10, limit=10, window=1, now=start) == 10
 
 
 def test_record_tokens_indexes_a_batch_as_record_token_does(store: Store, clock: FakeClock) -> None:
@@ -751,8 +775,8 @@ def test_redis_keys_expire_at_the_records_end(redis_server: RedisServer, clock: 
         f"sts:exceptions-of:{AGENT}": now + 60 + RETENTION_SECONDS,
         f"sts:exceptions-of:{OTHER}": now + 90 + RETENTION_SECONDS,
         "sts:exceptions-all": now + 90 + RETENTION_SECONDS,
-        f"sts:window:rate:a:{slot}": (slot + 1) * 60,
-        f"sts:window:rate:l:{slot}": (slot + 1) * 60,
+        f"sts:window:rate:a:{slot}": (slot + 1) * 60 + WINDOW_GRACE_SECONDS,  # the window's end and the grace
+        f"sts:window:rate:l:{slot}": (slot + 1) * 60 + WINDOW_GRACE_SECONDS,
         "sts:budget:task-1": now + 600,
         "sts:once:jti-9": now + 30,
     }

@@ -35,6 +35,12 @@ from sts.errors import TemporarilyUnavailable
 
 # How long ended tasks and expired exceptions stay readable (listed as ended) before they are dropped.
 RETENTION_SECONDS = 24 * 3600
+# A window's counter outlives its window by this many seconds. The window is in the counter's name,
+# so a later window never reads it; what the grace keeps is the count for a caller whose clock lags
+# the store's (a Redis server's clock, another replica's) or whose lease waited behind the write lock
+# past the window's end: expired at the end by the store's clock, that caller would read 0 used and
+# be granted the whole limit again. Covers a lag up to this long.
+WINDOW_GRACE_SECONDS = 30
 
 
 class StoreUnavailable(TemporarilyUnavailable):
@@ -341,7 +347,8 @@ class Store(Protocol):
     def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
         """Take up to ``want`` units of ``key``'s fixed window of ``window`` seconds containing ``now``,
         which holds ``limit`` units in all, atomically for every replica: ``min(want, limit - used)``
-        are granted (0 when spent) and their number returned (:mod:`sts.rate_lease` lends them out)."""
+        are granted (0 when spent) and their number returned (:mod:`sts.rate_lease` lends them out).
+        The counter is kept :data:`WINDOW_GRACE_SECONDS` past the window's end."""
 
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:
         """Consume one unit of ``key``'s budget of ``limit``; False (and nothing consumed) when spent."""

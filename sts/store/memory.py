@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from sts.store import (
     RETENTION_SECONDS,
+    WINDOW_GRACE_SECONDS,
     AlreadyExists,
     Budget,
     ExceptionGrant,
@@ -208,7 +209,7 @@ class MemoryStore:
         slot = f"{key}:{int(now // window)}"
         with self._lock:
             count = self._counter(slot) + 1
-            self._counters[slot] = (count, (int(now // window) + 1) * window)
+            self._counters[slot] = (count, (int(now // window) + 1) * window + WINDOW_GRACE_SECONDS)
             return count
 
     def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
@@ -218,7 +219,7 @@ class MemoryStore:
             used = self._counter(name)
             granted = max(0, min(want, limit - used))
             if granted:
-                self._counters[name] = (used + granted, (slot + 1) * window)
+                self._counters[name] = (used + granted, (slot + 1) * window + WINDOW_GRACE_SECONDS)
             return granted
 
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:

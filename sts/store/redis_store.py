@@ -44,6 +44,7 @@ import redis
 
 from sts.store import (
     RETENTION_SECONDS,
+    WINDOW_GRACE_SECONDS,
     AlreadyExists,
     Budget,
     ExceptionGrant,
@@ -446,7 +447,7 @@ class RedisStore:
         name = f"{PREFIX}window:{key}:{slot}"
         pipe = self._redis.pipeline(transaction=True)
         pipe.incr(name)
-        pipe.expireat(name, _at((slot + 1) * window))
+        pipe.expireat(name, _at((slot + 1) * window + WINDOW_GRACE_SECONDS))
         count, _ = pipe.execute()
         return int(count)
 
@@ -454,7 +455,8 @@ class RedisStore:
     def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
         slot = int(now // window)
         name = f"{PREFIX}window:{key}:{slot}"
-        return int(self._lease(keys=[name], args=[want, limit, _at((slot + 1) * window)]))
+        ends = _at((slot + 1) * window + WINDOW_GRACE_SECONDS)
+        return int(self._lease(keys=[name], args=[want, limit, ends]))
 
     @_answers
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:

@@ -35,6 +35,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 from sts.store import (
     RETENTION_SECONDS,
+    WINDOW_GRACE_SECONDS,
     AlreadyExists,
     Budget,
     ExceptionGrant,
@@ -531,7 +532,8 @@ class SqliteStore:
     def count_in_window(self, key: str, *, window: int, now: float) -> int:
         conn, current = self._writer()
         slot = int(now // window)
-        rows = conn.execute(_COUNT, (f"window:{key}:{slot}", (slot + 1) * window, current)).fetchall()
+        ends = (slot + 1) * window + WINDOW_GRACE_SECONDS
+        rows = conn.execute(_COUNT, (f"window:{key}:{slot}", ends, current)).fetchall()
         return int(rows[0][0])
 
     @_answers
@@ -549,7 +551,7 @@ class SqliteStore:
             if granted:
                 conn.execute(
                     "INSERT OR REPLACE INTO counters (key, value, expires_at) VALUES (?, ?, ?)",
-                    (name, used + granted, (slot + 1) * window),
+                    (name, used + granted, (slot + 1) * window + WINDOW_GRACE_SECONDS),
                 )
         return granted
 
