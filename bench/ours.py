@@ -111,7 +111,8 @@ def write_config(
     """Config with the embedded SQLite store, the catalog, the policies, and no throttling of the load.
 
     ``server`` (a YAML flow mapping such as ``{workers: 2, threads: 1}``) overrides the server's
-    defaults for a variant; empty means the defaults ``sts serve`` picks for this machine. ``state``
+    defaults for a variant; empty means the defaults ``sts serve`` picks for this machine, with
+    ``server.reuse_port`` on (one listening socket per worker). ``state``
     names the database and audit files, so in-process measurements keep out of the server's.
     ``issuer`` (default: this server's URL) lets a variant on another port accept the same SVIDs;
     ``store`` (default: the embedded SQLite file) lets a variant measure what the store costs.
@@ -133,7 +134,10 @@ def write_config(
         f"{CATALOG}"
         "policy: {dir: policies}\n"
         f"audit: {{path: {state}-audit.jsonl}}\n"
-        "log_level: INFO\n" + (f"server: {server}\n" if server else "")
+        "log_level: INFO\n"
+        # One socket per worker: the kernel spreads wrk's connections, which one shared socket may
+        # leave all on one worker. A deployment turns it on where the server's user is its own.
+        f"server: {server or '{reuse_port: true}'}\n"
     )
     return config
 

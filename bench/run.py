@@ -351,7 +351,11 @@ def _server_settings(config: Path) -> dict[str, Any]:
     from sts.config import load_settings
 
     settings = load_settings(config)
-    return {"workers": settings.server.workers, "threads": settings.server.threads}
+    return {
+        "workers": settings.server.workers,
+        "threads": settings.server.threads,
+        "reuse_port": settings.server.reuse_port,
+    }
 
 
 def _count_lines(path: Path) -> int:
@@ -505,7 +509,8 @@ def _table(r: dict[str, Any]) -> str:
     dirty = f" + uncommitted {', '.join(code['uncommitted_in_sts'])}" if code["uncommitted_in_sts"] else ""
     add(f"code:   commit {code['commit']}{dirty}; command: {r['command']}")
     s = r["server"]
-    add(f"server: sts serve (uvicorn, uvloop) {s['workers']} workers, SQLite store, audit file")
+    sockets = "one listening socket each (server.reuse_port)" if s.get("reuse_port") else "one shared socket"
+    add(f"server: sts serve (uvicorn, uvloop) {s['workers']} workers, {sockets}, SQLite store, audit file")
     add(f"load:   {r['generator']}")
     add(f"mix:    {r['mix']}")
     add(f"        medians of {r['runs_per_n']} runs x {r['seconds_per_run']:.0f} s per N")

@@ -340,13 +340,14 @@ def _uvicorn(settings: Settings) -> None:
     if server.workers == 1:
         uvicorn.Server(config).run()
         return
-    from sts.web.listeners import SPREADS_CONNECTIONS, reserve
+    from sts.web.listeners import reserve, spreads_connections
     from sts.web.supervisor import BoundedMultiprocess
 
-    # One socket per worker (SO_REUSEPORT), so the kernel spreads connections over the workers
-    # (sts.web.listeners); where it would not, one socket shared by all as uvicorn binds it.
+    # With server.reuse_port, one socket per worker (SO_REUSEPORT), so the kernel spreads connections
+    # over the workers (sts.web.listeners); otherwise one socket shared by all as uvicorn binds it.
     host, port = settings.listen.host, settings.listen.port
-    sock = reserve(host, port) if SPREADS_CONNECTIONS else config.bind_socket()
+    per_worker = spreads_connections(server.reuse_port, server.workers)
+    sock = reserve(host, port) if per_worker else config.bind_socket()
     try:
         BoundedMultiprocess(config, sockets=[sock], drain_seconds=server.drain_timeout).run()
     finally:

@@ -160,6 +160,10 @@ class ServerSettings:
     max_connections: int = 4096
     # On SIGTERM/SIGINT: how long requests in flight may take to finish before workers are killed.
     drain_timeout: int = 10
+    # One listening socket per worker (SO_REUSEPORT, Linux): the kernel spreads connections. Off by
+    # default: a process of the same user in the same network namespace could join the group and
+    # take the connections (sts.web.listeners).
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,6 +498,7 @@ def _build(tree: _Tree, base: Path, env: Mapping[str, str]) -> Settings:
         handshake_timeout=server_section.duration("handshake_timeout", 5),
         max_connections=server_section.positive("max_connections", 4096),
         drain_timeout=server_section.duration("drain_timeout", 10),
+        reuse_port=server_section.get("reuse_port", bool, False),
     )
     if not 1 <= server.drain_timeout <= 300:
         server_section.fail(server_section.key("drain_timeout"), "must be between 1 and 300 seconds")

@@ -99,6 +99,7 @@ server:
   handshake_timeout: 5s
   max_connections: 4096
   drain_timeout: 10s
+  reuse_port: true
 log_level: info
 logging: {{format: text}}
 """

@@ -1,4 +1,5 @@
-"""Connections spread over the workers: one listening socket per worker (``sts.web.listeners``).
+"""Connections spread over the workers: one listening socket per worker (``sts.web.listeners``),
+with ``server.reuse_port``; and without it (the default), one shared socket no other process joins.
 
 Real ``sts serve`` processes (plain and TLS, 2 workers) and real connections opened all at once, as a
 client pool or a load balancer opens them. Which worker holds each connection is read from the
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from sts.web.listeners import SPREADS_CONNECTIONS, reserve
+from sts.web.listeners import SPREADS_CONNECTIONS, reserve, spreads_connections
 from tests.authority import TestAuthority
 from tests.conftest import ISSUER_HOST, RunningServer, free_port, running_server, write_config
 from tests.test_mtls_http import with_tls_listener
@@ -36,12 +37,13 @@ ROUNDS = 3
 AT_LEAST = 10  # of 64 per worker: a fair hash goes below it with probability ~1e-8
 
 
-def two_workers(directory: Path, example: TestAuthority, partner: TestAuthority, *, tls: bool) -> Iterator[
-    tuple[RunningServer, ssl.SSLContext | None]
-]:
+def two_workers(
+    directory: Path, example: TestAuthority, partner: TestAuthority, *, tls: bool, reuse_port: bool = True
+) -> Iterator[tuple[RunningServer, ssl.SSLContext | None]]:
     port = free_port()
     config = write_config(directory, port, example, partner)
-    config.write_text(config.read_text().replace("server: {workers: 1}", "server: {workers: 2}"))
+    server = f"server: {{workers: 2, reuse_port: {'true' if reuse_port else 'false'}}}"
+    config.write_text(config.read_text().replace("server: {workers: 1}", server))
     if not tls:
         with running_server(config, port) as server:
             yield server, None
@@ -63,6 +65,22 @@ def served(
         example_org,
         partner_test,
         tls=request.param == "tls",
+    )
+
+
+@pytest.fixture(scope="module", params=["plain", "tls"])
+def served_by_default(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    example_org: TestAuthority,
+    partner_test: TestAuthority,
+) -> Iterator[tuple[RunningServer, ssl.SSLContext | None]]:
+    yield from two_workers(
+        tmp_path_factory.mktemp(f"listeners-shared-{request.param}"),
+        example_org,
+        partner_test,
+        tls=request.param == "tls",
+        reuse_port=False,
     )
 
 
@@ -94,6 +112,18 @@ def server_side_holders(port: int, state: str = TCP_ESTABLISHED) -> Counter[int]
             except OSError:
                 continue
     return holders
+
+
+def listening_sockets(port: int) -> int:
+    """How many distinct sockets listen on local ``port`` (from the kernel's tables)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == TCP_LISTEN
+    return count
 
 
 def both_workers_listening(port: int) -> None:
@@ -149,6 +179,54 @@ def test_a_second_server_on_the_port_is_refused(served: tuple[RunningServer, ssl
     )
     assert result.returncode == 2, result.stderr
     assert f"listen.port: cannot listen on 127.0.0.1:{server.url.rsplit(':', 1)[1]}" in result.stderr
+
+
+def test_by_default_a_process_of_the_same_user_cannot_join_the_port(
+    served_by_default: tuple[RunningServer, ssl.SSLContext | None],
+) -> None:
+    """Without ``server.reuse_port`` the workers share one socket: a process of the server's own user
+    (this test's) binding the address with SO_REUSEPORT, which with a group would join it and could
+    steer every connection to itself, is refused, with or without SO_REUSEADDR."""
+    server, context = served_by_default
+    port = int(server.url.rsplit(":", 1)[1])
+    both_workers_listening(port)
+    with ExitStack() as stack:
+        open_at_once(port, context, stack)  # the workers serve
+    holders = server_side_holders(port, TCP_LISTEN)
+    assert server.process.pid in holders and len(holders) == 3, holders  # the parent and two workers
+    assert listening_sockets(port) == 1  # ... all holding one socket
+    for options in ((socket.SO_REUSEPORT,), (socket.SO_REUSEADDR, socket.SO_REUSEPORT)):
+        with socket.socket() as joiner:
+            for option in options:
+                joiner.setsockopt(socket.SOL_SOCKET, option, 1)
+            with pytest.raises(OSError, match="in use") as refused:
+                joiner.bind((ISSUER_HOST, port))
+            assert refused.value.errno == errno.EADDRINUSE
+
+
+def test_with_reuse_port_only_two_workers_or_more_get_sockets_of_their_own() -> None:
+    assert spreads_connections(True, 2)
+    assert not spreads_connections(True, 1)  # one worker: nothing to spread, no group to join
+    assert not spreads_connections(False, 4)  # the default
+
+
+def test_an_ipv6_reservation_is_ipv6_only_when_asked() -> None:
+    """The TLS listener binds ``::`` IPv6-only, as before it had a socket per worker; the plain one
+    dual-stack, as uvicorn binds it. Every socket of the group, pickled ones too, binds alike."""
+    for v6only in (True, False):
+        with reserve("::", 0, v6only=v6only) as reservation:
+            port = reservation.getsockname()[1]
+            worker = pickle.loads(pickle.dumps(reservation))  # noqa: S301 (our own object, this process)
+            with worker:
+                assert worker.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == int(v6only)
+                worker.listen(8)
+                with socket.create_connection(("::1", port), timeout=5):
+                    pass
+                if v6only:
+                    with pytest.raises(ConnectionRefusedError):
+                        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                else:
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 # The reservation and the workers' sockets, without a server

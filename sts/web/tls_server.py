@@ -12,9 +12,9 @@ requests are answered by the same :class:`~sts.web.app.StsHttp` as the plain lis
 Each connection gets the TLS context that is current when it arrives (``ServerTls``): the
 server's own X.509-SVID and the X.509 authorities of every trust domain, so rotation needs no
 restart. Client certificates are optional at the TLS layer; the exchange then verifies the leaf as
-an X.509-SVID against its own trust domain. ``server.workers`` pre-forked processes each listen on
-their own socket on the address (``SO_REUSEPORT``, so the kernel spreads connections over them,
-:mod:`sts.web.listeners`), or share one where the system would not spread them.
+an X.509-SVID against its own trust domain. ``server.workers`` pre-forked processes share one listening
+socket, or with ``server.reuse_port`` each listen on their own socket on the address
+(``SO_REUSEPORT``, so the kernel spreads connections over them, :mod:`sts.web.listeners`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from sts.web.http import (
     joined_headers,
     status_line,
 )
-from sts.web.listeners import SPREADS_CONNECTIONS, PortReservation, reserve
+from sts.web.listeners import PortReservation, reserve, spreads_connections
 from sts.web.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -326,11 +326,12 @@ def backlog(settings: Settings) -> int:
 
 
 def bind(settings: Settings) -> socket.socket:
-    """The parent's socket: a :class:`~sts.web.listeners.PortReservation` each worker takes its own
-    socket from, or (where the kernel would not spread connections) one listening socket for all,
-    without SO_REUSEPORT. An address in use is an error (OSError)."""
-    if SPREADS_CONNECTIONS:
-        return reserve(settings.listen.host, settings.listen.port)
+    """The parent's socket: with ``server.reuse_port``, a :class:`~sts.web.listeners.PortReservation`
+    each worker takes its own socket from; otherwise (or where the kernel would not spread
+    connections) one listening socket for all, without SO_REUSEPORT. IPv6 addresses are IPv6-only
+    either way. An address in use is an error (OSError)."""
+    if spreads_connections(settings.server.reuse_port, settings.server.workers):
+        return reserve(settings.listen.host, settings.listen.port, v6only=True)
     address = (settings.listen.host, settings.listen.port)
     family = socket.AF_INET6 if ":" in settings.listen.host else socket.AF_INET
     return socket.create_server(address, family=family, backlog=backlog(settings), reuse_port=False)
