@@ -235,6 +235,12 @@ def test_an_ipv6_reservation_is_ipv6_only_when_asked() -> None:
 def test_the_reservation_holds_the_port_and_never_takes_a_connection() -> None:
     with reserve(ISSUER_HOST, 0) as reservation:
         port = reservation.getsockname()[1]
+        # No SO_REUSEADDR anywhere in the group: with it, another user's socket with both options could
+        # bind the address while no worker listens (the root-only test below shows the refusal).
+        with reservation.worker_socket() as worker:
+            for sock in (reservation, worker):
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
         with pytest.raises(OSError, match="in use") as taken, socket.socket() as plain:
             plain.bind((ISSUER_HOST, port))
         assert taken.value.errno == errno.EADDRINUSE
