@@ -30,6 +30,7 @@ from sts.policy import POLICY_SUFFIX, CedarPolicy, PolicyLoadError
 from sts.runtime import build_trust_store
 from sts.store.factory import open_store, sqlite_path
 from sts.trust import TrustBundle
+from sts.web.listeners import spreads_connections
 
 __all__ = ["ConfigReport", "check_config"]
 
@@ -108,6 +109,10 @@ def check_config(path: Path, *, now: float | None = None) -> ConfigReport:
 
 def _listeners(report: ConfigReport, settings: Settings) -> None:
     listen, workers = settings.listen, _plural(settings.server.workers, "worker")
+    if spreads_connections(settings.server.reuse_port, settings.server.workers):
+        workers += ", one listening socket each: server.reuse_port"
+    elif settings.server.reuse_port:
+        workers += ", sharing one socket: server.reuse_port needs two workers or more, on Linux"
     if listen.tls is None:
         report.add("listener", f"plain HTTP on {listen.host}:{listen.port} ({workers})")
     else:

@@ -191,6 +191,21 @@ def _files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux only")
+def test_config_check_says_whether_the_workers_get_a_socket_each(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = config.read_text()
+    for server, shown in (
+        ("{workers: 2, reuse_port: true}", "(2 workers, one listening socket each: server.reuse_port)"),
+        ("{workers: 1, reuse_port: true}", "(1 worker, sharing one socket: server.reuse_port needs two workers"),
+        ("{workers: 2}", "(2 workers)"),
+    ):
+        config.write_text(text.replace("server: {workers: 1}", f"server: {server}"))
+        assert main(["config", "check", "--config", str(config)]) == 0
+        assert f"listener:      plain HTTP on 127.0.0.1:8443 {shown}" in capsys.readouterr().out
+
+
 def test_config_check_lists_what_serve_would_use(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _files(config.parent)
     assert main(["config", "check", "--config", str(config)]) == 0
