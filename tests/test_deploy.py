@@ -422,6 +422,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("duration-zero", {"config": {"tokens": {"max_ttl": "0s"}}}, "config.tokens.max_ttl"),
     ("svid-leeway-too-large", {"config": {"tokens": {"svid_leeway": 301}}}, "config.tokens.svid_leeway"),
     ("workers-zero", {"config": {"server": {"workers": 0}}}, "config.server.workers"),
+    ("reuse-port-string", {"config": {"server": {"reuse_port": "yes"}}}, "config.server.reuse_port"),
     ("algorithm-rs256", {"config": {"keys": {"algorithm": "RS256"}}}, "config.keys.algorithm"),
     ("log-level-trace", {"config": {"log_level": "TRACE"}}, "config.log_level"),
     ("no-policies", {"policies": None}, ""),

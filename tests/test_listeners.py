@@ -42,8 +42,8 @@ def two_workers(
 ) -> Iterator[tuple[RunningServer, ssl.SSLContext | None]]:
     port = free_port()
     config = write_config(directory, port, example, partner)
-    server = f"server: {{workers: 2, reuse_port: {'true' if reuse_port else 'false'}}}"
-    config.write_text(config.read_text().replace("server: {workers: 1}", server))
+    section = f"server: {{workers: 2, reuse_port: {'true' if reuse_port else 'false'}}}"
+    config.write_text(config.read_text().replace("server: {workers: 1}", section))
     if not tls:
         with running_server(config, port) as server:
             yield server, None
@@ -53,6 +53,21 @@ def two_workers(
         yield server, ssl.create_default_context(cafile=str(ca))
 
 
+def _two_workers_for(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    example: TestAuthority,
+    partner: TestAuthority,
+    *,
+    reuse_port: bool,
+) -> Iterator[tuple[RunningServer, ssl.SSLContext | None]]:
+    """The module's servers: ``request.param`` is the listener (plain or tls)."""
+    name = f"listeners-{request.param}-{'reuse' if reuse_port else 'shared'}"
+    yield from two_workers(
+        tmp_path_factory.mktemp(name), example, partner, tls=request.param == "tls", reuse_port=reuse_port
+    )
+
+
 @pytest.fixture(scope="module", params=["plain", "tls"])
 def served(
     request: pytest.FixtureRequest,
@@ -60,12 +75,8 @@ def served(
     example_org: TestAuthority,
     partner_test: TestAuthority,
 ) -> Iterator[tuple[RunningServer, ssl.SSLContext | None]]:
-    yield from two_workers(
-        tmp_path_factory.mktemp(f"listeners-{request.param}"),
-        example_org,
-        partner_test,
-        tls=request.param == "tls",
-    )
+    """Two workers with ``server.reuse_port``: a socket each."""
+    yield from _two_workers_for(request, tmp_path_factory, example_org, partner_test, reuse_port=True)
 
 
 @pytest.fixture(scope="module", params=["plain", "tls"])
@@ -75,21 +86,16 @@ def served_by_default(
     example_org: TestAuthority,
     partner_test: TestAuthority,
 ) -> Iterator[tuple[RunningServer, ssl.SSLContext | None]]:
-    yield from two_workers(
-        tmp_path_factory.mktemp(f"listeners-shared-{request.param}"),
-        example_org,
-        partner_test,
-        tls=request.param == "tls",
-        reuse_port=False,
-    )
+    """Two workers with the default settings: one shared socket."""
+    yield from _two_workers_for(request, tmp_path_factory, example_org, partner_test, reuse_port=False)
 
 
 TCP_ESTABLISHED = "01"
 TCP_LISTEN = "0A"
 
 
-def server_side_holders(port: int, state: str = TCP_ESTABLISHED) -> Counter[int]:
-    """How many sockets on local ``port`` in ``state`` each process holds (from the kernel's tables)."""
+def socket_inodes(port: int, state: str = TCP_ESTABLISHED) -> set[str]:
+    """The sockets on local ``port`` in ``state``, as ``/proc/<pid>/fd`` links name them (kernel tables)."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as lines:
@@ -99,6 +105,12 @@ def server_side_holders(port: int, state: str = TCP_ESTABLISHED) -> Counter[int]
                 local_port, socket_state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
                 if local_port == port and socket_state == state:
                     inodes.add(f"socket:[{inode}]")
+    return inodes
+
+
+def server_side_holders(port: int, state: str = TCP_ESTABLISHED) -> Counter[int]:
+    """How many sockets on local ``port`` in ``state`` each process holds (from the kernel's tables)."""
+    inodes = socket_inodes(port, state)
     holders: Counter[int] = Counter()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -112,18 +124,6 @@ def server_side_holders(port: int, state: str = TCP_ESTABLISHED) -> Counter[int]
             except OSError:
                 continue
     return holders
-
-
-def listening_sockets(port: int) -> int:
-    """How many distinct sockets listen on local ``port`` (from the kernel's tables)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == TCP_LISTEN
-    return count
 
 
 def both_workers_listening(port: int) -> None:
@@ -194,7 +194,7 @@ def test_by_default_a_process_of_the_same_user_cannot_join_the_port(
         open_at_once(port, context, stack)  # the workers serve
     holders = server_side_holders(port, TCP_LISTEN)
     assert server.process.pid in holders and len(holders) == 3, holders  # the parent and two workers
-    assert listening_sockets(port) == 1  # ... all holding one socket
+    assert len(socket_inodes(port, TCP_LISTEN)) == 1  # ... all holding one socket
     for options in ((socket.SO_REUSEPORT,), (socket.SO_REUSEADDR, socket.SO_REUSEPORT)):
         with socket.socket() as joiner:
             for option in options:

@@ -43,6 +43,12 @@ RETENTION_SECONDS = 24 * 3600
 WINDOW_GRACE_SECONDS = 30
 
 
+def window_kept_until(slot: int, window: int) -> int:
+    """When the store forgets the counter of fixed window ``slot`` (of ``window`` seconds): its end and
+    :data:`WINDOW_GRACE_SECONDS`. Every backend's ``count_in_window`` and ``lease_in_window`` use it."""
+    return (slot + 1) * window + WINDOW_GRACE_SECONDS
+
+
 class StoreUnavailable(TemporarilyUnavailable):
     """The state store did not answer; nothing is decided without it.
 

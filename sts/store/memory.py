@@ -12,7 +12,6 @@ from typing import TypeVar
 
 from sts.store import (
     RETENTION_SECONDS,
-    WINDOW_GRACE_SECONDS,
     AlreadyExists,
     Budget,
     ExceptionGrant,
@@ -24,6 +23,7 @@ from sts.store import (
     TokenRecord,
     TokenState,
     newest_first,
+    window_kept_until,
     withdrawn,
 )
 
@@ -209,7 +209,7 @@ class MemoryStore:
         slot = f"{key}:{int(now // window)}"
         with self._lock:
             count = self._counter(slot) + 1
-            self._counters[slot] = (count, (int(now // window) + 1) * window + WINDOW_GRACE_SECONDS)
+            self._counters[slot] = (count, window_kept_until(int(now // window), window))
             return count
 
     def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
@@ -219,7 +219,7 @@ class MemoryStore:
             used = self._counter(name)
             granted = max(0, min(want, limit - used))
             if granted:
-                self._counters[name] = (used + granted, (slot + 1) * window + WINDOW_GRACE_SECONDS)
+                self._counters[name] = (used + granted, window_kept_until(slot, window))
             return granted
 
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:

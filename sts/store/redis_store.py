@@ -44,7 +44,6 @@ import redis
 
 from sts.store import (
     RETENTION_SECONDS,
-    WINDOW_GRACE_SECONDS,
     AlreadyExists,
     Budget,
     ExceptionGrant,
@@ -64,6 +63,7 @@ from sts.store import (
     subject_from,
     task_from,
     token_from,
+    window_kept_until,
     withdrawn,
 )
 from sts.store.redis_connect import client_defaults
@@ -447,7 +447,7 @@ class RedisStore:
         name = f"{PREFIX}window:{key}:{slot}"
         pipe = self._redis.pipeline(transaction=True)
         pipe.incr(name)
-        pipe.expireat(name, _at((slot + 1) * window + WINDOW_GRACE_SECONDS))
+        pipe.expireat(name, _at(window_kept_until(slot, window)))
         count, _ = pipe.execute()
         return int(count)
 
@@ -455,8 +455,7 @@ class RedisStore:
     def lease_in_window(self, key: str, *, want: int, limit: int, window: int, now: float) -> int:
         slot = int(now // window)
         name = f"{PREFIX}window:{key}:{slot}"
-        ends = _at((slot + 1) * window + WINDOW_GRACE_SECONDS)
-        return int(self._lease(keys=[name], args=[want, limit, ends]))
+        return int(self._lease(keys=[name], args=[want, limit, _at(window_kept_until(slot, window))]))
 
     @_answers
     def take_budget(self, key: str, *, limit: int, expires_at: int) -> bool:

@@ -35,7 +35,6 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 from sts.store import (
     RETENTION_SECONDS,
-    WINDOW_GRACE_SECONDS,
     AlreadyExists,
     Budget,
     ExceptionGrant,
@@ -54,6 +53,7 @@ from sts.store import (
     subject_from,
     task_from,
     token_from,
+    window_kept_until,
     withdrawn,
 )
 from sts.store.sqlite_changes import ChangeGeneration, Generation
@@ -532,7 +532,7 @@ class SqliteStore:
     def count_in_window(self, key: str, *, window: int, now: float) -> int:
         conn, current = self._writer()
         slot = int(now // window)
-        ends = (slot + 1) * window + WINDOW_GRACE_SECONDS
+        ends = window_kept_until(slot, window)
         rows = conn.execute(_COUNT, (f"window:{key}:{slot}", ends, current)).fetchall()
         return int(rows[0][0])
 
@@ -551,7 +551,7 @@ class SqliteStore:
             if granted:
                 conn.execute(
                     "INSERT OR REPLACE INTO counters (key, value, expires_at) VALUES (?, ?, ?)",
-                    (name, used + granted, (slot + 1) * window + WINDOW_GRACE_SECONDS),
+                    (name, used + granted, window_kept_until(slot, window)),
                 )
         return granted
 
